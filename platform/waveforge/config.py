@@ -145,6 +145,9 @@ class EvalConfig:
     feature_extractor: str = ""  # "module:callable" replacing Inception (clean-fid custom_feat_extractor)
     inception_path: str = ""  # local Inception weights for offline clusters ("" = clean-fid's download)
     grid_size: int = 64  # images in the fixed-seed sample grid
+    kid_subsets: int = 100  # KID: random subsets averaged (clean-fid's kernel_distance)
+    kid_subset_size: int = 1000  # KID: images per subset (at most num_samples)
+    reference_url: str = ""  # folder of cached reference statistics ("" = fid-stats/ next to the data manifest)
 
 
 @dataclass
@@ -231,7 +234,9 @@ _Loader.yaml_implicit_resolvers = {
 }
 _Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(0|[1-9][0-9_]*)$"), list("-+0123456789"))
 _Loader.add_implicit_resolver(
-    _FLOAT, re.compile(r"^[-+]?(\.[0-9]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    _FLOAT,
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?$"
+               r"|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
     list("-+0123456789."))
 
 
@@ -484,6 +489,8 @@ def validate(cfg: Recipe) -> None:
     _check(cfg.eval.every_images >= 0, "eval.every_images", cfg.eval.every_images, ">= 0 (0 = never)")
     _check(cfg.eval.num_samples >= 2, "eval.num_samples", cfg.eval.num_samples, ">= 2")
     _check(cfg.eval.batch_size >= 1 and cfg.eval.grid_size >= 1, "eval.batch_size", cfg.eval.batch_size, ">= 1")
+    _check(cfg.eval.kid_subsets >= 1, "eval.kid_subsets", cfg.eval.kid_subsets, ">= 1")
+    _check(cfg.eval.kid_subset_size >= 2, "eval.kid_subset_size", cfg.eval.kid_subset_size, ">= 2")
     if cfg.eval.feature_extractor:
         _check(":" in cfg.eval.feature_extractor, "eval.feature_extractor", cfg.eval.feature_extractor,
                "module:callable")

@@ -32,7 +32,8 @@ def local_rank() -> int:
 
 def device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", local_rank())
+        # one visible GPU per task (Slurm --gpus-per-task binding) or all node GPUs indexed by local rank
+        return torch.device("cuda", local_rank() if torch.cuda.device_count() > 1 else 0)
     return torch.device("cpu")
 
 

@@ -77,7 +77,7 @@ def init_distributed(backend: str = "auto") -> torch.device:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(dist.local_rank())
+        torch.cuda.set_device(dist.device())
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
@@ -162,7 +162,7 @@ def slurm_parameters(cfg: Any, job: str = "train") -> dict[str, Any]:
         "stderr_to_stdout": True,
     }
     if c.gpus_per_node and not c.tasks_per_node:
-        params["gpus_per_node"] = c.gpus_per_node
+        params["gpus_per_task"] = 1  # one GPU per task (rank); gpus_per_node tasks per node
     for key in ("partition", "account", "qos", "constraint", "exclude", "mem"):
         if getattr(c, key):
             params[key] = getattr(c, key)

@@ -1,0 +1,79 @@
+"""Submit a training (or evaluation / sampling) job to Slurm through submitit, or run it as local processes.
+
+    python jobs/submit.py recipe=ffhq1024 nodes=8                    # 8 nodes x 8 GPUs, one task per GPU
+    python jobs/submit.py recipe=celebahq256 partition=a100 time=48:00:00 account=vision
+    python jobs/submit.py recipe=ffhq1024 nodes=8 --dry-run          # print recipe + sbatch script only
+    python jobs/submit.py recipe=tiny cluster=local                  # laptop: local processes, waits
+    python jobs/submit.py recipe=tiny job=evaluate run=runs/tiny/NAME
+
+The job gets a run folder (runs/<recipe>/<run name>/: resolved recipe, submission script, per-task logs
+under logs/, code version, checkpoints). On preemption or time limit (USR2 from Slurm) every rank saves
+a checkpoint together and the job requeues itself; a requeued job (with or without a signal) resumes
+from the run folder's latest checkpoint and continues the same MLflow run.
+"""
+
+import sys
+import time
+
+from waveforge import cli
+
+JOB_KEYS = {
+    "job": "train (default), evaluate or sample",
+    "run": "for job=evaluate/sample: a run folder, checkpoint or exported generator",
+    "num": "for job=sample: number of images",
+    "out": "for job=sample/evaluate: output folder / JSON path",
+}
+FLAGS = {
+    "--dry-run": "print the resolved recipe and the full sbatch script; submit nothing",
+    "--wait": "wait for the job and stream rank 0's log (always on for cluster=local)",
+}
+
+
+def main() -> None:
+    args = cli.parse(sys.argv[1:], "submit", __doc__, job_keys=JOB_KEYS, flags=FLAGS)
+    from waveforge import config, launch
+
+    cfg = args.cfg
+    job = str(args.job.pop("job", "train"))
+    if job not in launch.JOBS:
+        cli.fail(f"job={job!r} is not valid: one of {', '.join(launch.JOBS)}")
+    config.check_resources(cfg, config.world_size(cfg))
+    backend = launch.backend_of(cfg.cluster.backend)
+    run_dir = launch.run_folder(cfg)
+    if "--dry-run" in args.flags:
+        print("# resolved recipe\n" + config.to_yaml(cfg))
+        print(f"# backend: {backend}; run folder: {run_dir}\n# sbatch script\n{launch.sbatch_script(cfg, job)}")
+        return
+    handle = launch.submit(cfg, job, args.job)
+    logs = launch.log_folder(run_dir)
+    print(f"submitted {job} job {handle.job_id} ({backend})\nrun folder: {run_dir}\n"
+          f"logs: {logs}/{handle.job_id}_<task>_log.out (rank 0: {handle.paths.stdout})", flush=True)
+    if backend == "local" or "--wait" in args.flags:
+        _follow(handle)
+
+
+def _follow(handle) -> None:  # noqa: ANN001
+    """Stream rank 0's log until the job ends; exit non-zero if it failed."""
+    pos = 0
+    while True:
+        done = handle.done()
+        path = handle.paths.stdout
+        if path.exists():
+            with open(path) as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos = f.tell()
+            if chunk:
+                print(chunk, end="", flush=True)
+        if done:
+            break
+        time.sleep(2)
+    try:
+        handle.result()
+    except Exception as e:  # the job's own traceback is in its log
+        print(f"job {handle.job_id} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -19,7 +19,7 @@ fi
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 stamp="$venv/.waveforge-setup"
-want="$(sha256sum pyproject.toml infra/setup.sh | sha256sum | cut -c1-16)-dev$dev"
+want="$( (sha256sum pyproject.toml infra/setup.sh; pwd) | sha256sum | cut -c1-16)-dev$dev"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "setup: $venv is up to date"
   exit 0

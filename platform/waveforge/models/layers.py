@@ -1,0 +1,230 @@
+"""Building blocks of the WaveDiff generator and discriminator (plain torch, no custom ops).
+
+Initialisation follows the DDPM/NCSN++ convention: uniform variance scaling over fan_avg with a
+per-layer scale (scale 0 = a near-zero init of the last conv of a residual branch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from waveforge.wavelet import dwt, idwt
+
+# --------------------------------------------------------------------------------------------------
+# Initialisation and plain layers
+# --------------------------------------------------------------------------------------------------
+
+
+def init_fan_avg_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Uniform variance scaling (fan_avg) in place: var = scale / ((fan_in + fan_out) / 2)."""
+    scale = 1e-10 if scale == 0 else scale
+    receptive = math.prod(weight.shape[2:])
+    fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
+    bound = math.sqrt(3.0 * scale / ((fan_in + fan_out) / 2))
+    with torch.no_grad():
+        return weight.uniform_(-bound, bound)
+
+
+def conv2d(in_ch: int, out_ch: int, kernel: int = 3, init_scale: float = 1.0, bias: bool = True,
+           groups: int = 1) -> nn.Conv2d:
+    """Same-padded conv with fan_avg init and zero bias."""
+    conv = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=bias, groups=groups)
+    init_fan_avg_(conv.weight, init_scale)
+    if bias:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+def linear(in_dim: int, out_dim: int, init_scale: float = 1.0) -> nn.Linear:
+    lin = nn.Linear(in_dim, out_dim)
+    init_fan_avg_(lin.weight, init_scale)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
+def group_norm(channels: int, affine: bool = True) -> nn.GroupNorm:
+    """NCSN++'s GroupNorm: min(C/4, 32) groups, eps 1e-6."""
+    return nn.GroupNorm(num_groups=max(1, min(channels // 4, 32)), num_channels=channels, eps=1e-6, affine=affine)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_positions: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding of integer steps t (B,) -> (B, dim): [sin, cos] with geometric frequencies."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device)
+                      * (-math.log(max_positions) / max(half - 1, 1)))
+    args = t.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class PixelNorm(nn.Module):
+    """Normalise each latent vector to unit root-mean-square."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * torch.rsqrt(z.square().mean(dim=1, keepdim=True) + 1e-8)
+
+
+# --------------------------------------------------------------------------------------------------
+# FIR [1, 3, 3, 1] resampling as depthwise convolutions (StyleGAN2's filter, no upfirdn2d op)
+# --------------------------------------------------------------------------------------------------
+
+_FIR_CACHE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _fir_kernel(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    k = _FIR_CACHE.get((device, dtype))
+    if k is None:
+        k1 = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float64)
+        k = torch.outer(k1, k1)
+        k = (k / k.sum()).to(device=device, dtype=dtype)
+        _FIR_CACHE[(device, dtype)] = k
+    return k
+
+
+def blur_downsample(x: torch.Tensor) -> torch.Tensor:
+    """[1,3,3,1] low-pass then 2x decimation: one depthwise 4x4 conv, stride 2, padding 1."""
+    C = x.shape[1]
+    w = _fir_kernel(x.device, x.dtype).expand(C, 1, 4, 4)
+    return F.conv2d(x, w, stride=2, padding=1, groups=C)
+
+
+def blur_upsample(x: torch.Tensor) -> torch.Tensor:
+    """2x zero-insertion upsampling then [1,3,3,1] low-pass (gain 4): one depthwise transposed conv."""
+    C = x.shape[1]
+    w = (_fir_kernel(x.device, x.dtype) * 4).expand(C, 1, 4, 4)
+    return F.conv_transpose2d(x, w, stride=2, padding=1, groups=C)
+
+
+class BlurDownConv(nn.Module):
+    """Plain NCSN++ downsampling conv: [1,3,3,1] blur, then a 3x3 conv with stride 2 (StyleGAN2 order)."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.weight = nn.Parameter(init_fan_avg_(torch.empty(out_ch, in_ch, 3, 3)))
+        self.bias = nn.Parameter(torch.zeros(out_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        C = x.shape[1]
+        w = _fir_kernel(x.device, x.dtype).expand(C, 1, 4, 4)
+        x = F.conv2d(F.pad(x, (2, 2, 2, 2)), w, groups=C)  # blur at full resolution: H -> H + 1
+        return F.conv2d(x, self.weight, self.bias, stride=2)  # H + 1 -> H / 2
+
+
+class WaveletDownConv(nn.Module):
+    """WaveDiff's input-pyramid downsampling: DWT, the 4 bands / 2 concatenated, then a 3x3 conv."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv = conv2d(4 * in_ch, out_ch, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(dwt(x) * 0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generator blocks
+# --------------------------------------------------------------------------------------------------
+
+
+class AdaptiveGroupNorm(nn.Module):
+    """GroupNorm without affine, then gamma * h + beta with (gamma, beta) = Linear(z_emb); gamma starts at 1."""
+
+    def __init__(self, channels: int, z_dim: int):
+        super().__init__()
+        self.norm = group_norm(channels, affine=False)
+        self.style = linear(z_dim, 2 * channels)
+        with torch.no_grad():
+            self.style.bias[:channels] = 1.0
+
+    def forward(self, h: torch.Tensor, zemb: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.style(zemb)[:, :, None, None].chunk(2, dim=1)
+        return torch.addcmul(beta, gamma, self.norm(h))
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions (NCSN++ AttnBlockpp), skip rescaled by 1/sqrt(2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = conv2d(channels, 3 * channels, 1)
+        with torch.no_grad():  # q, k, v each initialised as its own C x C layer
+            for i in range(3):
+                init_fan_avg_(self.qkv.weight[i * channels:(i + 1) * channels], 0.1)
+        self.proj = conv2d(channels, channels, 1, init_scale=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), scale 1/sqrt(C)
+        h = self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+        return (x + h) * (1 / math.sqrt(2))
+
+
+class ResBlock(nn.Module):
+    """BigGAN-style residual block with adaptive GroupNorm (z), a time-embedding bias, optional resampling.
+
+    resample: "none", "down" or "up". With `wavelet=True` (WaveDiff's frequency-aware block) downsampling
+    is a DWT of both paths after the first conv (keeping LL / 2; the main path's three high bands are
+    returned as a skip) and upsampling is an inverse DWT of both paths that takes the high bands of
+    the matching down block through a grouped 3x3 conv (one group per band). With `wavelet=False` it
+    is the plain NCSN++ block: [1,3,3,1] FIR blur resampling before the first conv.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, z_dim: int, resample: str = "none",
+                 wavelet: bool = False, skip_ch: int = 0, dropout: float = 0.0):
+        super().__init__()
+        if resample not in ("none", "down", "up"):
+            raise ValueError(f"resample must be none, down or up, got {resample!r}")
+        self.resample, self.wavelet, self.out_ch = resample, wavelet, out_ch
+        self.norm0 = AdaptiveGroupNorm(in_ch, z_dim)
+        self.conv0 = conv2d(in_ch, out_ch, 3)
+        self.temb = linear(temb_dim, out_ch)
+        self.norm1 = AdaptiveGroupNorm(out_ch, z_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = conv2d(out_ch, out_ch, 3, init_scale=0.0)
+        self.skip = conv2d(in_ch, out_ch, 1) if (in_ch != out_ch or resample != "none") else None
+        self.conv_high = None
+        if wavelet and resample == "up":
+            if skip_ch < 1:
+                raise ValueError("a wavelet up block needs skip_ch (channels of the matching down block)")
+            self.conv_high = conv2d(3 * skip_ch, 3 * out_ch, 3, groups=3)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, zemb: torch.Tensor,
+                high: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = F.silu(self.norm0(x, zemb))
+        high_out = None
+        if self.wavelet:
+            h = self.conv0(h)
+            if self.skip is not None:
+                x = self.skip(x)
+            if self.resample == "down":
+                C = h.shape[1]
+                hb = dwt(h)
+                h, high_out = hb[:, :C] * 0.5, hb[:, C:]
+                x = dwt(x)[:, :C] * 0.5
+            elif self.resample == "up":
+                if high is None:
+                    raise ValueError("a wavelet up block needs the high bands of its down block")
+                high = self.conv_high(high * 0.5) * 2.0
+                h = idwt(torch.cat([h * 2.0, high], dim=1))
+                x = idwt(torch.cat([x * 2.0, high], dim=1))
+        else:
+            if self.resample == "down":
+                h, x = blur_downsample(h), blur_downsample(x)
+            elif self.resample == "up":
+                h, x = blur_upsample(h), blur_upsample(x)
+            h = self.conv0(h)
+            if self.skip is not None:
+                x = self.skip(x)
+        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = F.silu(self.norm1(h, zemb))
+        h = self.conv1(self.dropout(h))
+        out = (x + h) * (1 / math.sqrt(2))
+        if self.wavelet and self.resample == "down":
+            return out, high_out
+        return out

@@ -1,0 +1,112 @@
+"""Orthonormal Haar wavelet transform: the one subband convention of the whole platform.
+
+Convention. For every 2x2 pixel block [[a, b], [c, d]] (a = top-left, b = top-right, c = bottom-left,
+d = bottom-right) one DWT level gives, per channel,
+
+    LL = (a + b + c + d) / 2    low-pass both ways (the half-resolution image, x2 in value)
+    LH = (a + b - c - d) / 2    high-pass along height, low-pass along width: top minus bottom,
+                                i.e. the HORIZONTAL detail (it responds to horizontal edges)
+    HL = (a - b + c - d) / 2    low-pass along height, high-pass along width: left minus right,
+                                i.e. the VERTICAL detail (it responds to vertical edges)
+    HH = (a - b - c + d) / 2    diagonal detail
+
+and `dwt` concatenates the bands as [LL, LH, HL, HH] along channels, each band C channels.
+This is exactly pytorch_wavelets' DWTForward(J=1, wave="haar", mode="zero"): LL = yl and
+[LH, HL, HH] = yh[0][:, :, 0], yh[0][:, :, 1], yh[0][:, :, 2] (same order, same signs). The reference
+WaveDiff's own DWT_2D (used inside its generator, and at I/O for its CelebA-HQ 256/1024 runs) agrees on
+LL and HH but SWAPS the two detail bands: its "LH" is our HL and its "HL" is our LH. Inside the models
+the order does not matter (every band goes through learned convolutions); at I/O it fixes which 3
+channels of the 12 are which. `tests/test_wavelet.py` pins both facts.
+
+The transform is orthonormal (the inverse is the transpose), exact in fp32, written as one 4x4 matrix
+product per 2x2 block (a reshape, a permute and a matmul), so it is fast, differentiable to any order
+(R1 runs through it) and has no filter parameters. Inputs in bf16/fp16 are computed in fp32 and cast
+back (fp64 stays fp64, for gradcheck).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["dwt", "idwt", "to_wavelet", "from_wavelet", "dwt_levels", "idwt_levels"]
+
+
+# Analysis matrix: rows = bands [LL, LH, HL, HH], columns = pixels [a, b, c, d] of each 2x2 block.
+_HAAR = torch.tensor([[1.0, 1.0, 1.0, 1.0],
+                      [1.0, 1.0, -1.0, -1.0],
+                      [1.0, -1.0, 1.0, -1.0],
+                      [1.0, -1.0, -1.0, 1.0]]) * 0.5
+_HAAR_CACHE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _haar(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    m = _HAAR_CACHE.get((device, dtype))
+    if m is None:
+        m = _HAAR_CACHE[(device, dtype)] = _HAAR.to(device=device, dtype=dtype)
+    return m
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs (exact +-1/2 filters, no low-precision rounding); fp64 stays fp64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_image(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if x.shape[-1] % 2 or x.shape[-2] % 2:
+        raise ValueError(f"{name}: height and width must be even, got {tuple(x.shape[-2:])}")
+
+
+def dwt(x: torch.Tensor) -> torch.Tensor:
+    """One Haar level: (B, C, H, W) -> (B, 4C, H/2, W/2) = [LL, LH, HL, HH], each C channels."""
+    _check_image(x, "dwt")
+    B, C, H, W = x.shape
+    h, w = H // 2, W // 2
+    # (B, C, h, 2, w, 2) -> (B, [row in block, col in block], C*h*w): the 4 pixels of each block in rows
+    # a, b, c, d; one (4x4) @ (4, C*h*w) product then gives the bands already in band-major order.
+    ct = _compute_dtype(x)
+    pixels = x.to(ct).reshape(B, C, h, 2, w, 2).permute(0, 3, 5, 1, 2, 4).reshape(B, 4, C * h * w)
+    return torch.matmul(_haar(x.device, ct), pixels).reshape(B, 4 * C, h, w).to(x.dtype)
+
+
+def idwt(y: torch.Tensor) -> torch.Tensor:
+    """Inverse of `dwt`: (B, 4C, h, w) bands [LL, LH, HL, HH] -> (B, C, 2h, 2w)."""
+    if y.dim() != 4 or y.shape[1] % 4:
+        raise ValueError(f"idwt: expected a (B, 4C, h, w) tensor, got shape {tuple(y.shape)}")
+    B, C4, h, w = y.shape
+    C = C4 // 4
+    # The matrix is orthogonal and symmetric: its inverse is itself.
+    ct = _compute_dtype(y)
+    pixels = torch.matmul(_haar(y.device, ct), y.to(ct).reshape(B, 4, C * h * w)).reshape(B, 2, 2, C, h, w)
+    return pixels.permute(0, 3, 4, 1, 5, 2).reshape(B, C, 2 * h, 2 * w).to(y.dtype)
+
+
+def to_wavelet(img: torch.Tensor) -> torch.Tensor:
+    """Image in [-1, 1], (B, C, H, W) -> subbands in [-1, 1], (B, 4C, H/2, W/2): dwt(img) / 2."""
+    return dwt(img) * 0.5
+
+
+def from_wavelet(w: torch.Tensor) -> torch.Tensor:
+    """Subbands (B, 4C, h, w) as made by `to_wavelet` -> image (B, C, 2h, 2w): idwt(2 w). Not clamped."""
+    return idwt(w * 2.0)
+
+
+def dwt_levels(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`levels` Haar levels: returns (LL of the last level, [high bands (B, 3C, .) of level 1, 2, ...])."""
+    if levels < 1:
+        raise ValueError(f"dwt_levels: levels must be >= 1, got {levels}")
+    highs = []
+    C = x.shape[1]
+    for _ in range(levels):
+        y = dwt(x)
+        x, high = y[:, :C], y[:, C:]
+        highs.append(high)
+    return x, highs
+
+
+def idwt_levels(ll: torch.Tensor, highs: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of `dwt_levels`."""
+    for high in reversed(highs):
+        ll = idwt(torch.cat([ll, high], dim=1))
+    return ll

@@ -223,6 +223,34 @@ def test_reference_stats_are_computed_once_and_keyed_by_the_manifest(tmp_path, c
     assert len(calls) == n_calls + 1 and not changed.cached and changed.url != first.url
 
 
+def test_evaluate_generator_against_a_shard_dataset(tmp_path, capsys, monkeypatch):
+    """The trainer's call: recipe + generate(seeds) -> FID/KID against data.url, reference cached on disk."""
+    from waveforge import data
+
+    data.make_shards("synthetic", str(tmp_path / "shards"), 32, num_samples=30, workers=1, progress=False)
+    cfg = config.load("tiny", {"data.url": str(tmp_path / "shards"), "eval.num_samples": 20, "eval.batch_size": 8,
+                               "eval.feature_extractor": SPEC, "eval.kid_subsets": 5, "eval.kid_subset_size": 10})
+    monkeypatch.setattr(evaluate, "_REFERENCES", {})
+    generate = functools.partial(generate_images, size=32)
+    first = evaluate.evaluate_generator(cfg, generate, device=CPU, progress=False)
+    assert set(first) == {"fid", "kid"} and first["fid"] > 0
+    assert "reference statistics: computed 20 images" in capsys.readouterr().out
+    assert list((tmp_path / "shards" / "fid-stats").glob("ref-*.npz"))
+
+    monkeypatch.setattr(evaluate, "_REFERENCES", {})  # a new process: the file is read
+    second = evaluate.evaluate_generator(cfg, generate, device=CPU, progress=False)
+    assert "reference statistics: cached" in capsys.readouterr().out
+    assert second == pytest.approx(first, rel=1e-9)
+
+    # same images from the data loader directly: the reference features are exactly the data set's
+    ext = evaluate.load_feature_extractor(cfg.eval, CPU)
+    images = torch.cat(list(data.iterate_dataset(cfg.data.url, rank=0, world=1, batch_size=8, num_samples=20)))
+    direct = evaluate.FeatureStats()
+    direct.add(ext(images))
+    fake = evaluate.generate_features(generate, 20, ext, 8, progress=False).reduce()
+    assert evaluate.fid_from_stats(direct.reduce(), fake) == pytest.approx(first["fid"], rel=1e-6)
+
+
 def test_reference_stats_in_object_storage_url(tmp_path):
     """Any fsspec URL works for the manifest and the cache (memory:// stands in for s3://)."""
     import fsspec

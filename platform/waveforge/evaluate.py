@@ -17,6 +17,7 @@ Offline clusters: clean-fid downloads the Inception weights at first use (see `i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import io
@@ -34,7 +35,6 @@ from glob import glob
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from cleanfid import downloads_helper
@@ -44,7 +44,8 @@ from cleanfid.utils import EXTENSIONS
 from PIL import Image
 
 from waveforge import dist
-from waveforge.config import EvalConfig, StorageConfig
+from waveforge import storage as wf_storage
+from waveforge.config import EvalConfig, Recipe, StorageConfig
 
 # Where clean-fid itself looks for / downloads the weights (cleanfid.features.feature_extractor: "/tmp" on
 # Linux; torch hub's checkpoints folder for legacy_pytorch).
@@ -491,20 +492,6 @@ def iterator_features(batches: Iterable[torch.Tensor], extractor: FeatureExtract
 # --------------------------------------------------------------------------------------------------
 
 
-def _filesystem(url: str, storage: StorageConfig | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    try:
-        from waveforge import storage as wf_storage  # the project's fsspec factory (credentials, endpoint)
-    except ImportError:
-        wf_storage = None
-    if wf_storage is not None and hasattr(wf_storage, "filesystem"):
-        return wf_storage.filesystem(url, storage or StorageConfig())
-    return fsspec.core.url_to_fs(url)
-
-
-def _join(url: str, name: str) -> str:
-    return url.rstrip("/") + "/" + name
-
-
 def reference_key(manifest_sha256: str, resolution: int, extractor_name: str, num_samples: int | None) -> dict:
     """What the reference statistics depend on; its hash names the cache file."""
     return {"format": CACHE_FORMAT, "manifest_sha256": manifest_sha256, "resolution": int(resolution),
@@ -525,29 +512,28 @@ def reference_stats(manifest_url: str, iterate: Callable[[], Iterable[torch.Tens
     Returns Stats with .cached (read from the cache) and .url. Prints "reference statistics: cached <url>"
     or "reference statistics: computed ...".
     """
-    fs, mpath = _filesystem(manifest_url, storage)
-    if dist.rank() == 0:
-        if not fs.isfile(mpath):
-            raise FileNotFoundError(f"data manifest {manifest_url!r} not found: the reference statistics are "
-                                    "keyed by it (make the shards first: jobs/make_shards.py)")
-        sha = hashlib.sha256(fs.cat_file(mpath)).hexdigest()
-    else:
-        sha = ""
-    sha = dist.broadcast_object(sha)
+    sha = error = ""
+    if dist.rank() == 0:  # one reader; the others get its answer (or its error: no rank waits forever)
+        try:
+            sha = hashlib.sha256(wf_storage.read_bytes(manifest_url, storage)).hexdigest()
+        except FileNotFoundError:
+            error = (f"data manifest {manifest_url!r} not found: the reference statistics are keyed by it "
+                     "(make the shards first: python jobs/make_shards.py)")
+    sha, error = dist.broadcast_object((sha, error))
+    if error:
+        raise FileNotFoundError(error)
     key = reference_key(sha, resolution, extractor.name, num_samples)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    folder = cache_url or _join(manifest_url.rstrip("/").rsplit("/", 1)[0], "fid-stats")
-    npz_url, json_url = _join(folder, f"ref-{digest}.npz"), _join(folder, f"ref-{digest}.json")
-    cfs, npz_path = _filesystem(npz_url, storage)
-    _, json_path = _filesystem(json_url, storage)
+    folder = cache_url or wf_storage.join(manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else ".",
+                                          "fid-stats")
+    npz_url, json_url = wf_storage.join(folder, f"ref-{digest}.npz"), wf_storage.join(folder, f"ref-{digest}.json")
 
     hit = False
-    if dist.rank() == 0 and cfs.exists(json_path) and cfs.exists(npz_path):
-        meta = json.loads(cfs.cat_file(json_path))
+    if dist.rank() == 0 and wf_storage.exists(json_url, storage) and wf_storage.exists(npz_url, storage):
+        meta = json.loads(wf_storage.read_bytes(json_url, storage))
         hit = meta.get("key") == key and (not kid or meta.get("features", False))
     if dist.broadcast_object(hit):
-        with cfs.open(npz_path, "rb") as f:
-            z = np.load(io.BytesIO(f.read()))
+        with np.load(io.BytesIO(wf_storage.read_bytes(npz_url, storage))) as z:
             stats = Stats(count=int(z["count"]), mu=z["mu"], sigma=z["sigma"],
                           features=z["features"] if kid else None, cached=True, url=npz_url)
         dist.print0(f"reference statistics: cached {npz_url} ({stats.count} images)")
@@ -563,17 +549,55 @@ def reference_stats(manifest_url: str, iterate: Callable[[], Iterable[torch.Tens
         if stats.features is not None:
             arrays["features"] = stats.features
         np.savez(buf, **arrays)
-        cfs.makedirs(cfs._parent(npz_path), exist_ok=True)
-        with cfs.open(npz_path, "wb") as f:
-            f.write(buf.getvalue())
+        wf_storage.write_bytes(npz_url, buf.getvalue(), storage)
         meta = {"key": key, "count": stats.count, "features": stats.features is not None,
                 "manifest_url": manifest_url, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        with cfs.open(json_path, "w") as f:
-            f.write(json.dumps(meta, indent=1, sort_keys=True))
+        wf_storage.write_bytes(json_url, json.dumps(meta, indent=1, sort_keys=True).encode(), storage)  # last
     dist.barrier()
     stats.url = npz_url
     dist.print0(f"reference statistics: computed {stats.count} images in {time.time() - t0:.0f} s, saved {npz_url}")
     return stats
+
+
+_EXTRACTORS: dict[tuple, FeatureExtractor] = {}
+_REFERENCES: dict[tuple, Stats] = {}
+
+
+def cached_feature_extractor(ecfg: EvalConfig, device: torch.device | str) -> FeatureExtractor:
+    """load_feature_extractor, loaded once per process (periodic evaluation during training)."""
+    key = (ecfg.feature_extractor, ecfg.mode, ecfg.inception_path, str(torch.device(device)))
+    if key not in _EXTRACTORS:
+        _EXTRACTORS[key] = load_feature_extractor(ecfg, device)
+    return _EXTRACTORS[key]
+
+
+def evaluate_generator(cfg: Recipe, generate: Callable[[list[int]], torch.Tensor], rank: int | None = None,
+                       world: int | None = None, device: torch.device | str | None = None,
+                       progress: bool = True) -> dict[str, float]:
+    """FID (and KID with eval.kid) of `generate` against the recipe's data set, over all ranks (collective).
+
+    generate(seeds) -> uint8 (B,3,R,R), sample i from seed i. The reference statistics of data.url are
+    read from the cache (eval.reference_url, default fid-stats/ next to the manifest) or computed once with
+    waveforge.data.iterate_dataset over all ranks; both are kept in memory for the next call.
+    """
+    from waveforge import data
+
+    ecfg = cfg.eval
+    rank = dist.rank() if rank is None else rank
+    world = dist.world() if world is None else world
+    extractor = cached_feature_extractor(ecfg, device if device is not None else dist.device())
+    manifest = data.manifest_url(cfg.data.url)
+    ref_key = (manifest, cfg.model.resolution, extractor.name, ecfg.num_samples, ecfg.reference_url, ecfg.kid)
+    if ref_key not in _REFERENCES:
+        iterate = functools.partial(data.iterate_dataset, cfg.data.url, rank=rank, world=world,
+                                    batch_size=ecfg.batch_size, num_samples=ecfg.num_samples, storage=cfg.storage)
+        _REFERENCES[ref_key] = reference_stats(manifest, iterate, extractor, resolution=cfg.model.resolution,
+                                               num_samples=ecfg.num_samples, cache_url=ecfg.reference_url,
+                                               kid=ecfg.kid, storage=cfg.storage, progress=progress)
+    fake = generate_features(generate, ecfg.num_samples, extractor, ecfg.batch_size, rank=rank, world=world,
+                             kid=ecfg.kid, progress=progress).reduce()
+    return metrics(_REFERENCES[ref_key], fake, kid=ecfg.kid, kid_subsets=ecfg.kid_subsets,
+                   kid_subset_size=ecfg.kid_subset_size, device=extractor.device)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,653 @@
+"""Streaming training data with exact, deterministic, world-size-independent resume.
+
+    loader = ShardLoader("s3://bucket/ffhq256", global_batch=64, rank=r, world=w, grad_accum=2, seed=0)
+    for step in ...:
+        micro_batches = loader.next_step()   # grad_accum dicts {"image": float (b,3,R,R) in [-1,1], "key": [...]}
+    state = loader.state_dict()             # small JSON-able dict, independent of the world size
+    loader.load_state_dict(state)           # continue exactly there (also on another number of ranks)
+
+THE ORDER. The sequence of global batches is a function of (seed, manifest, global batch) only:
+
+* S = gcd(global_batch, 64) virtual streams; every global batch takes G/S consecutive samples from each
+  stream, stream 0's first, then stream 1's, ...: the global batch is the concatenation over s.
+* Epoch e has a seeded permutation of the shards; each shard's samples are permuted by a seeded
+  in-shard permutation; concatenated, these give the epoch's sample sequence Q_e (all N samples once).
+* Q_e is cut into S contiguous segments, segment s (length floor(N/S) or one more) is stream s's part of
+  epoch e. The N mod S "extra" samples of each epoch go to streams round-robin over epochs (extra number j
+  to stream j mod S), so every stream receives the same number of samples over any S epochs.
+* Optionally (shuffle_window=W > 1) each segment is cut into blocks of W samples from its start and each
+  block is permuted by a seeded permutation (mixes samples of consecutive shards).
+* Stream s is the concatenation of its segments of epochs 0, 1, 2, ... (infinite). After k global batches
+  every stream has delivered exactly k*G/S samples, so the whole state is the step count k.
+
+EPOCH BOUNDARY. A stream moves to its epoch e+1 segment right after finishing its epoch e segment; a global
+batch that straddles the boundary holds the end of epoch e and the start of epoch e+1 (nothing is dropped
+or padded). Stream lengths differ by at most one sample, so all streams cross the boundary within one
+global batch of each other. Within each epoch every sample of the manifest appears exactly once.
+
+RANKS AND WORKERS. Rank r of w serves streams [r*S/w, (r+1)*S/w) (w must divide S): its share of the
+global batch is a contiguous slice, so the same sample sits at the same position of the global batch for
+any world size. Each shard is read by the one rank whose streams cover it (a shard at a segment boundary
+by the two neighbours). DataLoader workers split the rank's streams; the main process reassembles their
+output in stream order, so num_workers never changes the result.
+
+RESUME. The state is {step, global_batch, streams, seed, total samples, ...}; restarting fast-forwards each
+stream arithmetically from the manifest counts (no shard before the position is read), then skips inside
+one shard (or shuffle block). Flips are decided by a hash of (seed, epoch, shard, sample), not by an RNG
+state, so they replay exactly.
+
+ERRORS. Reads retry transient storage errors with exponential backoff (`retries`). A sample that does not
+decode is replaced by the next decodable sample of the same shard's permuted order; a missing or unreadable
+shard is replaced, sample for sample, by the next readable shard of the epoch's shard permutation. Both are
+counted (stats()) and reported on stderr, or raise DataError with on_error="fail". The batch shape never
+changes and nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import hashlib
+import io
+import math
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from waveforge import storage as store
+from waveforge.config import ConfigError, StorageConfig
+from waveforge.data.shards import dataset_root, manifest_url, read_manifest
+
+MAX_STREAMS = 64
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+STATE_FORMAT = "waveforge-loader/1"
+
+
+class DataError(RuntimeError):
+    """Data could not be read and on_error='fail' (or no shard at all is readable)."""
+
+
+def num_streams(global_batch: int) -> int:
+    """Virtual streams for a global batch: gcd(global_batch, 64); the world size must divide it."""
+    return math.gcd(int(global_batch), MAX_STREAMS)
+
+
+# --------------------------------------------------------------------------------------------------
+# webdataset integration: gopen handlers for object stores, tar iteration
+# --------------------------------------------------------------------------------------------------
+
+
+def register_gopen(scfg: StorageConfig | None = None) -> None:
+    """Let webdataset open s3:// and gs:// URLs through fsspec (so plain wds.WebDataset(url) works too)."""
+    import webdataset  # noqa: F401 - loads webdataset.gopen (the package attribute `gopen` is the function)
+
+    gmod = sys.modules["webdataset.gopen"]
+
+    def open_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
+        fs, path = store.filesystem(url, scfg)
+        return fs.open(path, mode, block_size=8 << 20)
+
+    for name in ("s3", "s3a", "gs", "gcs"):
+        gmod.gopen_schemes[name] = open_fsspec
+
+
+def parse_tar(data: bytes, url: str) -> list[dict[str, Any]]:
+    """Samples of a tar shard in file order, grouped by key with webdataset's own tar iteration."""
+    import webdataset.tariterators as wti
+
+    files = ({**f, "__url__": url} for f in wti.tar_file_iterator(io.BytesIO(data)))
+    return list(wti.group_by_keys(files))
+
+
+def decode_image(sample: dict[str, Any], resolution: int) -> torch.Tensor | None:
+    """uint8 (3,R,R) tensor of the sample's image, or None when missing, undecodable or the wrong size."""
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            try:
+                with Image.open(io.BytesIO(sample[ext])) as im:
+                    arr = np.asarray(im.convert("RGB"))
+            except Exception:  # noqa: BLE001 - any decoding failure is a corrupt sample
+                return None
+            if arr.shape != (resolution, resolution, 3):
+                return None
+            return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    return None
+
+
+def _hash_bit(*values: int) -> int:
+    """A well-mixed bit of integer inputs (splitmix64 chain): the per-sample flip decision."""
+    h = 0x9E3779B97F4A7C15
+    mask = (1 << 64) - 1
+    for v in values:
+        h = (h ^ (int(v) & mask)) & mask
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & mask
+        h ^= h >> 31
+    return (h >> 17) & 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan: pure arithmetic over the manifest counts
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layout:
+    perm: np.ndarray  # shard permutation of the epoch
+    cum: np.ndarray  # cumulative sample counts along perm, with a leading 0 (len = shards + 1)
+    seg_off: np.ndarray  # start of each stream's segment in Q_e
+    seg_len: np.ndarray
+
+
+class Plan:
+    """Which sample each virtual stream serves at each of its positions (see the module docstring)."""
+
+    def __init__(self, counts: list[int], streams: int, seed: int, window: int = 0):
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.N = int(self.counts.sum())
+        if self.N < 1:
+            raise ConfigError("the dataset manifest lists no samples")
+        self.S, self.seed, self.window = int(streams), int(seed), int(window)
+        self.L, self.r = divmod(self.N, self.S)
+        self._layouts: collections.OrderedDict[int, _Layout] = collections.OrderedDict()
+
+    def start(self, s: int, e: int) -> int:
+        """Position in stream s where its epoch-e segment begins."""
+        j = e * self.r
+        return e * self.L + ((j - s + self.S - 1) // self.S if j > s else 0)
+
+    def locate(self, s: int, p: int) -> tuple[int, int]:
+        """(epoch, offset in the stream's epoch segment) of stream position p."""
+        lo, hi = 0, (p + 2) * self.S // self.N + 2
+        while self.start(s, hi) <= p:
+            hi *= 2
+        while hi - lo > 1:  # invariant: start(lo) <= p < start(hi)
+            mid = (lo + hi) // 2
+            if self.start(s, mid) <= p:
+                lo = mid
+            else:
+                hi = mid
+        return lo, p - self.start(s, lo)
+
+    def layout(self, e: int) -> _Layout:
+        lay = self._layouts.get(e)
+        if lay is None:
+            perm = np.random.default_rng([self.seed, 0, e]).permutation(len(self.counts))
+            cum = np.concatenate([[0], np.cumsum(self.counts[perm])])
+            seg_len = np.array([self.start(s, e + 1) - self.start(s, e) for s in range(self.S)], dtype=np.int64)
+            seg_off = np.concatenate([[0], np.cumsum(seg_len)[:-1]])
+            lay = _Layout(perm, cum, seg_off, seg_len)
+            self._layouts[e] = lay
+            while len(self._layouts) > 4:
+                self._layouts.popitem(last=False)
+        return lay
+
+    def inner_perm(self, e: int, shard: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 1, e, shard]).permutation(int(self.counts[shard]))
+
+    def blocks(self, s: int, p: int) -> Iterator[tuple[int, list[tuple[int, int, int, int]], np.ndarray, int]]:
+        """From stream position p on, per block: (epoch, pieces, order, skip).
+
+        A block is a list of pieces (permutation slot i, shard, j0, j1) = samples j0..j1 of the shard's
+        in-shard permuted order; `order` permutes the block's concatenated samples; the first `skip`
+        entries of that order are before p (already consumed).
+        """
+        e, off = self.locate(s, p)
+        while True:
+            lay = self.layout(e)
+            a, n = int(lay.seg_off[s]), int(lay.seg_len[s])
+            size = self.window if self.window > 1 else 0
+            pos = (off // size) * size if size else off  # block start (without a window: the position itself)
+            while pos < n:
+                end = min(n, pos + size) if size else None
+                pieces = []
+                q = a + pos
+                while True:
+                    i = int(np.searchsorted(lay.cum, q, side="right") - 1)
+                    stop = min(int(lay.cum[i + 1]), a + (end if end is not None else n))
+                    pieces.append((i, int(lay.perm[i]), q - int(lay.cum[i]), stop - int(lay.cum[i])))
+                    q = stop
+                    if end is None or q >= a + end:
+                        break
+                length = q - (a + pos)
+                if size:
+                    order = np.random.default_rng([self.seed, 2, e, s, pos // size]).permutation(length)
+                else:
+                    order = np.arange(length)
+                yield e, pieces, order, off - pos if off > pos else 0
+                pos, off = q - a, q - a
+            e, off = e + 1, 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading streams (runs in DataLoader workers, or in the main process with num_workers=0)
+# --------------------------------------------------------------------------------------------------
+
+
+class _Shard:
+    def __init__(self, samples: list[dict[str, Any]] | None, error: str = ""):
+        self.samples = samples  # encoded samples in tar order (None: shard missing or unreadable)
+        self.error = error
+        self.bad: set[int] = set()  # tar indices known not to decode
+
+
+class StreamReader:
+    """Reads a set of virtual streams of one rank and yields, per step, their G/S samples each."""
+
+    def __init__(self, manifest: dict[str, Any], root: str, plan: Plan, streams: list[int], per_stream: int,
+                 start_step: int, *, hflip: bool, on_error: str, retries: int, scfg: StorageConfig | None,
+                 cache_dir: str):
+        self.manifest, self.root, self.plan = manifest, root, plan
+        self.streams, self.per_stream, self.start_step = list(streams), per_stream, start_step
+        self.hflip, self.on_error, self.retries, self.scfg, self.cache_dir = hflip, on_error, retries, scfg, cache_dir
+        self.resolution = int(manifest["resolution"])
+        self.names = [s["name"] for s in manifest["shards"]]
+        self.sizes = [int(s["bytes"]) for s in manifest["shards"]]
+        self.stats = {"corrupt_samples": 0, "missing_shards": 0, "read_retries": 0, "shards_read": 0,
+                      "bytes_read": 0}
+        self._lock = threading.Lock()
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._cache: collections.OrderedDict[int, cf.Future] = collections.OrderedDict()
+        self._reported: set[str] = set()
+        self._missing: set[tuple[int, int]] = set()
+        self._perms: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
+
+    # ---- shard loading (background threads) ----
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.stats[key] += n
+
+    def _report(self, message: str) -> None:
+        if message not in self._reported:
+            self._reported.add(message)
+            print(f"data: WARNING: {message}", file=sys.stderr, flush=True)
+
+    def shard_url(self, shard: int) -> str:
+        return store.join(self.root, self.names[shard])
+
+    def _read(self, shard: int) -> bytes:
+        url = self.shard_url(shard)
+
+        def on_retry(attempt: int, exc: BaseException) -> None:
+            self._count("read_retries")
+
+        def gopen_read() -> bytes:
+            import webdataset as wds
+
+            with wds.gopen(url if not url.startswith("file://") else store.local_path(url), "rb") as f:
+                return f.read()
+
+        if not self.cache_dir:
+            return store.with_retries(gopen_read, url, "reading shard", retries=self.retries, scfg=self.scfg,
+                                        on_retry=on_retry)
+        tag = hashlib.sha1(self.root.encode()).hexdigest()[:12]
+        local = os.path.join(self.cache_dir, tag, self.names[shard])
+        if os.path.isfile(local) and os.path.getsize(local) == self.sizes[shard]:
+            with open(local, "rb") as f:
+                return f.read()
+        data = store.with_retries(gopen_read, url, "reading shard", retries=self.retries, scfg=self.scfg,
+                                    on_retry=on_retry)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = f"{local}.tmp{os.getpid()}.{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, local)
+        return data
+
+    def _load(self, shard: int) -> _Shard:
+        url = self.shard_url(shard)
+        try:
+            data = self._read(shard)
+        except FileNotFoundError:
+            return _Shard(None, f"shard {url} is missing")
+        except store.StorageError as e:
+            if "access denied" in str(e) or "does not exist" in str(e):
+                raise
+            return _Shard(None, f"shard {url} could not be read: {e}")
+        self._count("shards_read")
+        self._count("bytes_read", len(data))
+        try:
+            samples = parse_tar(data, url)
+        except Exception as e:  # noqa: BLE001 - a truncated/garbled tar is an unreadable shard
+            return _Shard(None, f"shard {url} is not a readable tar file ({type(e).__name__}: {e})")
+        return _Shard(samples)
+
+    def _submit(self, shard: int) -> cf.Future:
+        fut = self._cache.get(shard)
+        if fut is not None:
+            self._cache.move_to_end(shard)
+            return fut
+        assert self._pool is not None
+        fut = self._pool.submit(self._load, shard)
+        self._cache[shard] = fut
+        while len(self._cache) > 2 * len(self.streams) + 2:
+            self._cache.popitem(last=False)
+        return fut
+
+    # ---- sample selection with substitution ----
+
+    def _decoded(self, sh: _Shard, t: int) -> torch.Tensor | None:
+        if t in sh.bad or sh.samples is None or t >= len(sh.samples):
+            return None
+        img = decode_image(sh.samples[t], self.resolution)
+        if img is None:
+            sh.bad.add(t)
+        return img
+
+    def _perm(self, e: int, shard: int) -> np.ndarray:
+        perm = self._perms.get((e, shard))
+        if perm is None:
+            perm = self._perms[(e, shard)] = self.plan.inner_perm(e, shard)
+            while len(self._perms) > 4 * len(self.streams) + 8:
+                self._perms.popitem(last=False)
+        return perm
+
+    def _pick(self, sh: _Shard, perm: np.ndarray, j: int) -> tuple[int, torch.Tensor] | None:
+        """(tar index, image) for slot j of the shard's permuted order, substituting corrupt samples."""
+        n = len(perm)
+        for d in range(n):
+            t = int(perm[(j + d) % n])
+            img = self._decoded(sh, t)
+            if img is not None:
+                return t, img
+            if d == 0:
+                key = sh.samples[t]["__key__"] if sh.samples is not None and t < len(sh.samples) else f"#{t}"
+                self._count("corrupt_samples")
+                if self.on_error == "fail":
+                    raise DataError(f"corrupt or missing sample {key} in a shard (on_error=fail)")
+        return None
+
+    def _sample(self, e: int, i: int, shard: int, j: int, shards: dict[int, _Shard]) -> tuple[str, torch.Tensor]:
+        """Key and image for sample j (in-shard permuted order) of `shard`, slot i of epoch e's shard order."""
+        sh = shards[shard]
+        pick = self._pick(sh, self._perm(e, shard), j) if sh.samples is not None else None
+        src = shard
+        if pick is None:  # whole shard unusable: take the next readable shard of the epoch's permutation
+            lay = self.plan.layout(e)
+            n_sh = len(lay.perm)
+            for d in range(1, n_sh + 1):
+                if d == n_sh:
+                    raise DataError(f"no readable shard in {self.root} (last error: {sh.error})")
+                src = int(lay.perm[(i + d) % n_sh])
+                sub = shards.get(src)
+                if sub is None:
+                    sub = shards[src] = self._submit(src).result()
+                if sub.samples is None:
+                    continue
+                perm = self._perm(e, src)
+                pick = self._pick(sub, perm, j % len(perm))
+                if pick is not None:
+                    break
+            assert pick is not None
+            sh = shards[src]
+        t, img = pick
+        if self.hflip and _hash_bit(self.plan.seed, e, src, t):
+            img = img.flip(-1)
+        return sh.samples[t]["__key__"], img
+
+    def _stream(self, s: int) -> Iterator[tuple[str, torch.Tensor]]:
+        p0 = self.start_step * self.per_stream
+        blocks = self.plan.blocks(s, p0)
+        pending: collections.deque = collections.deque()
+
+        def fill() -> None:
+            while len(pending) < 2:
+                blk = next(blocks)
+                pending.append((blk, [self._submit(piece[1]) for piece in blk[1]]))
+
+        fill()
+        while True:
+            (e, pieces, order, skip), futures = pending.popleft()
+            fill()
+            shards: dict[int, _Shard] = {}
+            refs = []  # (slot i, shard, j) of the block's samples in concatenated order
+            for (i, shard, j0, j1), fut in zip(pieces, futures):
+                sh = fut.result()
+                shards[shard] = sh
+                if sh.samples is None and (e, shard) not in self._missing:
+                    self._missing.add((e, shard))
+                    self._count("missing_shards")
+                    if self.on_error == "fail":
+                        raise DataError(f"{sh.error} (on_error=fail)")
+                    self._report(f"{sh.error}; its samples are replaced by the next readable shard's")
+                refs += [(i, shard, j) for j in range(j0, j1)]
+            for k in order[skip:]:
+                i, shard, j = refs[int(k)]
+                yield self._sample(e, i, shard, j, shards)
+
+    def steps(self) -> Iterator[dict[str, Any]]:
+        """Per step: {"streams": [...], "image": uint8 (len(streams)*G/S,3,R,R), "key": [...], "stats": {...}}."""
+        self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-read")
+        try:
+            iters = [self._stream(s) for s in self.streams]
+            while True:
+                keys, images = [], []
+                for it in iters:
+                    for _ in range(self.per_stream):
+                        key, img = next(it)
+                        keys.append(key)
+                        images.append(img)
+                with self._lock:
+                    stats = dict(self.stats)
+                yield {"streams": self.streams, "image": torch.stack(images), "key": keys, "stats": stats}
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _WorkerDataset(torch.utils.data.IterableDataset):
+    """One StreamReader per DataLoader worker; worker w reads the rank's streams w, w+n, w+2n, ..."""
+
+    def __init__(self, make_reader: Any, streams: list[int], num_workers: int):
+        super().__init__()
+        self.make_reader, self.streams, self.num_workers = make_reader, streams, num_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        w = info.id if info is not None else 0
+        torch.set_num_threads(1)
+        return self.make_reader(self.streams[w::self.num_workers]).steps()
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------------
+
+
+class ShardLoader:
+    """This rank's share of every global batch, split into grad_accum micro-batches (see module docstring)."""
+
+    def __init__(self, url: str, *, global_batch: int, rank: int, world: int, grad_accum: int = 1, seed: int = 0,
+                 hflip: bool = True, num_workers: int = 0, cache_dir: str = "", on_error: str = "skip",
+                 retries: int = 5, storage: StorageConfig | None = None, resolution: int | None = None,
+                 shuffle_window: int = 0):
+        if global_batch < 1 or world < 1 or not 0 <= rank < world or grad_accum < 1:
+            raise ConfigError(f"bad loader geometry: global_batch={global_batch}, rank={rank}, world={world}, "
+                              f"grad_accum={grad_accum}")
+        S = num_streams(global_batch)
+        if S % world:
+            fits = [w for w in range(1, S + 1) if S % w == 0]
+            raise ConfigError(f"the data loader splits global batch {global_batch} into {S} streams "
+                              f"(gcd(batch, {MAX_STREAMS})); the number of ranks ({world}) must divide {S}: "
+                              f"use {fits} ranks, or a global batch with more factors of two")
+        if global_batch % (world * grad_accum):
+            raise ConfigError(f"global batch {global_batch} is not divisible by ranks x grad_accum = "
+                              f"{world} x {grad_accum}")
+        if on_error not in ("skip", "fail"):
+            raise ConfigError(f"on_error={on_error!r}: expected 'skip' or 'fail'")
+        self.url, self.root = manifest_url(url), dataset_root(manifest_url(url))
+        self.global_batch, self.rank, self.world, self.grad_accum = global_batch, rank, world, grad_accum
+        self.seed, self.hflip, self.on_error, self.retries = seed, hflip, on_error, retries
+        self.cache_dir, self.scfg, self.shuffle_window = cache_dir, storage, max(0, shuffle_window)
+        register_gopen(storage)
+        try:
+            self.manifest = read_manifest(self.url, storage, retries)
+        except FileNotFoundError:
+            raise ConfigError(f"no dataset manifest at {self.url}: write the shards with python jobs/make_shards.py "
+                              f"and set data.url to their folder") from None
+        if resolution is not None and int(self.manifest["resolution"]) != resolution:
+            raise ConfigError(f"dataset {self.root} holds {self.manifest['resolution']} px images but the model "
+                              f"needs {resolution} px: re-shard with resolution={resolution} or change data.url")
+        self.resolution = int(self.manifest["resolution"])
+        self.streams = S
+        self.per_stream = global_batch // S
+        per_rank = S // world
+        self.my_streams = list(range(rank * per_rank, (rank + 1) * per_rank))
+        self.num_workers = min(num_workers, per_rank)
+        self.plan = Plan([s["samples"] for s in self.manifest["shards"]], S, seed, self.shuffle_window)
+        self.total_samples = self.plan.N
+        self.micro = global_batch // (world * grad_accum)
+        self._step = 0
+        self._it: Iterator[dict[str, Any]] | None = None
+        self._dl: Any = None
+        self._worker_stats: dict[int, dict[str, int]] = {}
+
+    # ---- pipeline ----
+
+    def _reader(self, streams: list[int]) -> StreamReader:
+        return StreamReader(self.manifest, self.root, self.plan, streams, self.per_stream, self._step,
+                            hflip=self.hflip, on_error=self.on_error, retries=self.retries, scfg=self.scfg,
+                            cache_dir=self.cache_dir)
+
+    def _start(self) -> None:
+        self.close()
+        if self.num_workers == 0:
+            self._it = self._reader(self.my_streams).steps()
+            return
+        ds = _WorkerDataset(self._reader, self.my_streams, self.num_workers)
+        self._dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                               prefetch_factor=2, persistent_workers=False, in_order=True)
+        self._it = iter(self._dl)
+
+    def next_step(self) -> list[dict[str, Any]]:
+        """The rank's share of the next global batch as grad_accum micro-batches (image float [-1,1], key)."""
+        if self._it is None:
+            self._start()
+        assert self._it is not None
+        parts = [next(self._it) for _ in range(max(1, self.num_workers))]
+        by_stream: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        for w, part in enumerate(parts):
+            self._worker_stats[w] = part["stats"]
+            for n, s in enumerate(part["streams"]):
+                lo, hi = n * self.per_stream, (n + 1) * self.per_stream
+                by_stream[s] = (part["image"][lo:hi], part["key"][lo:hi])
+        images = torch.cat([by_stream[s][0] for s in self.my_streams])
+        keys = [k for s in self.my_streams for k in by_stream[s][1]]
+        images = images.float().div_(127.5).sub_(1.0)
+        self._step += 1
+        b = self.micro
+        return [{"image": images[m * b:(m + 1) * b], "key": keys[m * b:(m + 1) * b]} for m in range(self.grad_accum)]
+
+    # ---- state ----
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position (JSON-able, independent of rank/world/workers): global batches delivered so far."""
+        return {"format": STATE_FORMAT, "step": self._step, "samples": self._step * self.global_batch,
+                "epoch": self._step * self.global_batch // self.total_samples, "global_batch": self.global_batch,
+                "streams": self.streams, "seed": self.seed, "shuffle_window": self.shuffle_window,
+                "total_samples": self.total_samples, "num_shards": len(self.manifest["shards"])}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Continue from a state_dict() (of any world size). ConfigError if it belongs to another order."""
+        if d.get("format") != STATE_FORMAT:
+            raise ConfigError(f"not a data loader state (format {d.get('format')!r}, expected {STATE_FORMAT})")
+        mine = self.state_dict()
+        for k in ("global_batch", "seed", "shuffle_window", "total_samples", "num_shards"):
+            if d.get(k) != mine[k]:
+                raise ConfigError(f"the saved data position has {k}={d.get(k)!r} but this loader has {mine[k]!r}: "
+                                  f"exact resume needs the same dataset, global batch, seed and shuffle window")
+        self.close()
+        self._step = int(d["step"])
+
+    def stats(self) -> dict[str, int]:
+        """Counters summed over this rank's readers: corrupt_samples, missing_shards, read_retries, ..."""
+        out = {"corrupt_samples": 0, "missing_shards": 0, "read_retries": 0, "shards_read": 0, "bytes_read": 0}
+        for st in self._worker_stats.values():
+            for k, v in st.items():
+                out[k] = out.get(k, 0) + int(v)
+        return out
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def close(self) -> None:
+        """Stop readers and worker processes (the next next_step() starts them again at the same position)."""
+        it, self._it, self._dl = self._it, None, None
+        if it is not None:
+            if hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+            elif hasattr(it, "close"):
+                it.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def from_config(cfg: Any, rank: int, world: int, grad_accum: int) -> ShardLoader:
+    """The training loader of recipe `cfg` (data.url must hold a dataset: see ensure_dataset)."""
+    d = cfg.data
+    return ShardLoader(d.url, global_batch=cfg.train.batch_size, rank=rank, world=world, grad_accum=grad_accum,
+                       seed=cfg.run.seed, hflip=d.hflip, num_workers=d.num_workers, cache_dir=d.cache_dir,
+                       on_error=d.on_error, retries=d.retries, storage=cfg.storage,
+                       resolution=cfg.model.resolution, shuffle_window=d.shuffle_buffer)
+
+
+# --------------------------------------------------------------------------------------------------
+# Canonical order, for reference statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def iterate_dataset(url: str, *, rank: int, world: int, batch_size: int, num_samples: int | None = None,
+                    storage: StorageConfig | None = None, retries: int = 5) -> Iterator[torch.Tensor]:
+    """uint8 (b,3,R,R) batches of this rank's part of the canonical order (manifest shard order, tar order).
+
+    The first `num_samples` samples (all if None) are split into `world` contiguous ranges; rank r reads only
+    the shards of its range. Undecodable samples are skipped (reported on stderr).
+    """
+    if not 0 <= rank < world or batch_size < 1:
+        raise ConfigError(f"bad arguments: rank={rank}, world={world}, batch_size={batch_size}")
+    register_gopen(storage)
+    murl = manifest_url(url)
+    root = dataset_root(murl)
+    try:
+        m = read_manifest(murl, storage, retries)
+    except FileNotFoundError:
+        raise ConfigError(f"no dataset manifest at {murl}: write the shards with python jobs/make_shards.py") from None
+    counts = np.array([s["samples"] for s in m["shards"]], dtype=np.int64)
+    total = int(counts.sum()) if num_samples is None else min(int(num_samples), int(counts.sum()))
+    lo, hi = total * rank // world, total * (rank + 1) // world
+    cum = np.concatenate([[0], np.cumsum(counts)])
+    res = int(m["resolution"])
+    batch: list[torch.Tensor] = []
+    bad = 0
+    for k in range(len(counts)):
+        a, b = max(lo, int(cum[k])), min(hi, int(cum[k + 1]))
+        if a >= b:
+            continue
+        url_k = store.join(root, m["shards"][k]["name"])
+        samples = parse_tar(store.read_bytes(url_k, storage, retries), url_k)
+        for t in range(a - int(cum[k]), b - int(cum[k])):
+            img = decode_image(samples[t], res) if t < len(samples) else None
+            if img is None:
+                bad += 1
+                continue
+            batch.append(img)
+            if len(batch) == batch_size:
+                yield torch.stack(batch)
+                batch = []
+    if batch:
+        yield torch.stack(batch)
+    if bad:
+        print(f"data: WARNING: {bad} undecodable samples skipped in {root}", file=sys.stderr, flush=True)
+

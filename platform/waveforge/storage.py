@@ -1,0 +1,331 @@
+"""Storage access for any URL through fsspec: plain paths, file://, s3://, gs:// (and anything fsspec knows).
+
+    fs, path = filesystem("s3://bucket/shards", scfg)       # scfg: the recipe's StorageConfig (or None)
+    read_bytes(url, scfg)  write_bytes(url, data, scfg)  exists(url, scfg)  put_file(local, url, scfg) ...
+
+S3 settings come from the recipe's `storage` section, else from the standard AWS environment variables
+(AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
+
+Every helper retries transient errors (connection resets, timeouts, throttling, 5xx) with exponential
+backoff. Permanent errors are raised at once as `StorageError` with a message that names the URL/bucket
+and what to check (wrong key or secret, missing bucket, unreachable endpoint), never a raw botocore trace.
+A missing object is `FileNotFoundError` (a subclass-free, ordinary one), so callers can treat it as "absent".
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import fsspec
+
+from waveforge.config import StorageConfig
+
+T = TypeVar("T")
+
+DEFAULT_RETRIES = 5
+BASE_DELAY_S = 0.5  # first backoff; doubles each retry (with jitter), capped at MAX_DELAY_S
+MAX_DELAY_S = 20.0
+
+
+class StorageError(OSError):
+    """A storage operation failed for a reason retrying does not fix (credentials, bucket, endpoint)."""
+
+
+def scheme(url: str) -> str:
+    """'s3', 'gs', 'file', ... ('' and Windows drive letters count as 'file')."""
+    s = urlparse(str(url)).scheme
+    return "file" if len(s) <= 1 else s
+
+
+def is_local(url: str) -> bool:
+    return scheme(url) == "file"
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a plain path or file:// URL."""
+    url = str(url)
+    return urlparse(url).path if url.startswith("file://") else url
+
+
+def join(url: str, *names: str) -> str:
+    """Join path components onto a URL or path with '/' (no normalisation of the scheme part)."""
+    out = str(url).rstrip("/")
+    for n in names:
+        out = f"{out}/{str(n).strip('/')}"
+    return out
+
+
+def bucket(url: str) -> str:
+    """The bucket of an object-store URL ('' for local paths)."""
+    return "" if is_local(url) else urlparse(str(url)).netloc
+
+
+def storage_options(scfg: StorageConfig | None, url: str) -> dict[str, Any]:
+    """fsspec options for `url`: for s3, endpoint/region/credentials from `scfg`, else the AWS env vars."""
+    scfg = scfg or StorageConfig()
+    if scheme(url) not in ("s3", "s3a"):
+        return {}
+    endpoint = scfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+    region = scfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
+    key = scfg.access_key or os.environ.get("AWS_ACCESS_KEY_ID", "")
+    secret = scfg.secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    client_kwargs: dict[str, Any] = {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    if region:
+        client_kwargs["region_name"] = region
+    opts: dict[str, Any] = {
+        "client_kwargs": client_kwargs,
+        # Fail over to our own retry loop quickly instead of botocore's long internal one.
+        "config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 2}},
+    }
+    if key:
+        opts["key"] = key
+    if secret:
+        opts["secret"] = secret
+    return opts
+
+
+def filesystem(url: str, scfg: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(fsspec filesystem, path inside it) for `url`. Instances are cached by fsspec per options."""
+    fs, path = fsspec.core.url_to_fs(str(url), **storage_options(scfg, url))
+    return fs, path
+
+
+# --------------------------------------------------------------------------------------------------
+# Error classification and retries
+# --------------------------------------------------------------------------------------------------
+
+_TRANSIENT_NAMES = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                    "ServerDisconnectedError", "ClientOSError", "ClientPayloadError", "IncompleteRead",
+                    "ResponseStreamingError", "ProtocolError", "ServiceUnavailable", "SlowDown", "Throttling",
+                    "RequestTimeout", "InternalError", "TimeoutError")
+_AUTH_WORDS = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "Forbidden", "403",
+               "InvalidToken", "ExpiredToken", "NoCredentials", "Unable to locate credentials")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out, e = [], exc
+    while e is not None and len(out) < 8:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _is_transient(exc: BaseException) -> bool:
+    for e in _chain(exc):
+        name = type(e).__name__
+        if isinstance(e, (ConnectionError, TimeoutError)) or any(n in name for n in _TRANSIENT_NAMES):
+            return True
+        text = str(e)
+        if any(w in text for w in ("SlowDown", "Service Unavailable", "InternalError", "503", "500 ",
+                                   "Connection reset", "timed out")):
+            return True
+    return False
+
+
+def _is_auth(exc: BaseException) -> bool:
+    return any(isinstance(e, PermissionError) or any(w in f"{type(e).__name__} {e}" for w in _AUTH_WORDS)
+               for e in _chain(exc))
+
+
+def _is_missing_bucket(exc: BaseException) -> bool:
+    return any("NoSuchBucket" in f"{type(e).__name__} {e}" or "bucket does not exist" in str(e).lower()
+               for e in _chain(exc))
+
+
+def _endpoint_hint(url: str, scfg: StorageConfig | None) -> str:
+    if is_local(url):
+        return ""
+    ep = storage_options(scfg, url).get("client_kwargs", {}).get("endpoint_url", "")
+    return f" (endpoint {ep})" if ep else ""
+
+
+def explain(exc: BaseException, url: str, what: str, scfg: StorageConfig | None = None) -> StorageError:
+    """A StorageError with a message a user can act on, for the failure `exc` of `what` on `url`."""
+    where = f"{url}{_endpoint_hint(url, scfg)}"
+    b = bucket(url)
+    if _is_missing_bucket(exc):
+        msg = f"{what} {where}: bucket {b!r} does not exist (create it, or fix the URL)"
+    elif _is_auth(exc):
+        if is_local(url):
+            msg = f"{what} {where}: permission denied"
+        else:
+            msg = (f"{what} {where}: access denied to bucket {b!r}: check the access key and secret "
+                   f"(storage.access_key / storage.secret_key, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) "
+                   f"and the bucket's permissions")
+    elif _is_transient(exc):
+        msg = (f"{what} {where}: storage unreachable or failing after retries: {type(exc).__name__}: {exc}. "
+               f"Check the endpoint (storage.endpoint_url or AWS_ENDPOINT_URL) and the network")
+    else:
+        msg = f"{what} {where}: {type(exc).__name__}: {exc}"
+    err = StorageError(msg)
+    err.url = url  # type: ignore[attr-defined]
+    return err
+
+
+def with_retries(fn: Callable[[], T], url: str, what: str, *, retries: int = DEFAULT_RETRIES,
+                 scfg: StorageConfig | None = None, on_retry: Callable[[int, BaseException], None] | None = None,
+                 base_delay: float = BASE_DELAY_S) -> T:
+    """Call fn(); retry transient errors up to `retries` times with exponential backoff + jitter.
+
+    FileNotFoundError (object or file absent) passes through unchanged (callers decide what absent means),
+    unless the bucket itself is missing; every other failure becomes a StorageError naming `url`.
+    `on_retry(attempt, exc)` is called before each retry (counters, logs).
+    """
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except FileNotFoundError as e:
+            if _is_missing_bucket(e):
+                raise explain(e, url, what, scfg) from None
+            raise
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified below
+            if _is_transient(e) and not _is_auth(e) and attempt < retries:
+                attempt += 1
+                if on_retry is not None:
+                    on_retry(attempt, e)
+                delay = min(MAX_DELAY_S, base_delay * 2 ** (attempt - 1))
+                time.sleep(delay * (0.75 + 0.5 * random.random()))
+                continue
+            raise explain(e, url, what, scfg) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers (each retried). `url` may be a plain path, file://, s3://, gs://, ...
+# --------------------------------------------------------------------------------------------------
+
+
+def exists(url: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES) -> bool:
+    fs, path = filesystem(url, scfg)
+
+    def check() -> bool:
+        fs.invalidate_cache(path)
+        return fs.exists(path)
+
+    return with_retries(check, url, "checking", retries=retries, scfg=scfg)
+
+
+def size(url: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES) -> int:
+    """Bytes of the object at `url` (FileNotFoundError if absent)."""
+    fs, path = filesystem(url, scfg)
+    return int(with_retries(lambda: fs.size(path), url, "reading the size of", retries=retries, scfg=scfg))
+
+
+def read_bytes(url: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES,
+               on_retry: Callable[[int, BaseException], None] | None = None) -> bytes:
+    fs, path = filesystem(url, scfg)
+    return with_retries(lambda: fs.cat_file(path), url, "reading", retries=retries, scfg=scfg, on_retry=on_retry)
+
+
+def read_text(url: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES) -> str:
+    return read_bytes(url, scfg, retries).decode()
+
+
+def write_bytes(url: str, data: bytes, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES) -> None:
+    """Write `data` to `url`. Local files are written to a temporary name and renamed (never half-written)."""
+    if is_local(url):
+        path = local_path(url)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+
+        def write_local() -> None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+
+        with_retries(write_local, url, "writing", retries=retries, scfg=scfg)
+        return
+    fs, path = filesystem(url, scfg)
+    with_retries(lambda: fs.pipe_file(path, data), url, "writing", retries=retries, scfg=scfg)
+
+
+def write_text(url: str, text: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES) -> None:
+    write_bytes(url, text.encode(), scfg, retries)
+
+
+def put_file(local: str, url: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES) -> None:
+    """Upload (or copy) the local file `local` to `url`."""
+    if is_local(url):
+        import shutil
+
+        dst = local_path(url)
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        tmp = f"{dst}.tmp{os.getpid()}"
+
+        def copy() -> None:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dst)
+
+        with_retries(copy, url, "copying to", retries=retries, scfg=scfg)
+        return
+    fs, path = filesystem(url, scfg)
+    with_retries(lambda: fs.put_file(local, path), url, "uploading to", retries=retries, scfg=scfg)
+
+
+def put_dir(local_dir: str, url: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES) -> int:
+    """Upload every file under `local_dir` to `url` keeping relative paths; returns the number of files."""
+    n = 0
+    for root, _, files in os.walk(local_dir):
+        for name in sorted(files):
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            put_file(src, join(url, rel), scfg, retries)
+            n += 1
+    return n
+
+
+def get_file(url: str, local: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES) -> None:
+    """Download `url` to the local file `local` (written to a temporary name, then renamed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    tmp = f"{local}.tmp{os.getpid()}"
+    fs, path = filesystem(url, scfg)
+
+    def get() -> None:
+        fs.get_file(path, tmp)
+        os.replace(tmp, local)
+
+    with_retries(get, url, "downloading", retries=retries, scfg=scfg)
+
+
+def listdir(url: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES) -> list[str]:
+    """Names (not paths) of the entries directly under `url`, sorted; [] if the folder does not exist."""
+    fs, path = filesystem(url, scfg)
+
+    def ls() -> list[str]:
+        fs.invalidate_cache(path)
+        try:
+            entries = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    return with_retries(ls, url, "listing", retries=retries, scfg=scfg)
+
+
+def remove(url: str, scfg: StorageConfig | None = None, recursive: bool = False,
+           retries: int = DEFAULT_RETRIES) -> None:
+    """Delete `url` (a folder only with recursive=True). Absent is not an error."""
+    fs, path = filesystem(url, scfg)
+
+    def rm() -> None:
+        try:
+            fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+    with_retries(rm, url, "deleting", retries=retries, scfg=scfg)
+
+
+def makedirs(url: str, scfg: StorageConfig | None = None) -> None:
+    """Create a local folder (object stores have no folders: no-op there)."""
+    if is_local(url):
+        os.makedirs(local_path(url), exist_ok=True)

@@ -1,0 +1,335 @@
+"""Data component: make_shards (folder/zip/synthetic), manifest, plain tar/webdataset compatibility, the
+streaming loader's exact resume across world sizes and workers, error handling, FID iteration."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from waveforge import config
+from waveforge.data import (
+    DataError,
+    ShardLoader,
+    ensure_dataset,
+    iterate_dataset,
+    make_shards,
+    read_manifest,
+    synthetic_image,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+N, G, RES = 300, 16, 16  # 300 samples: not a multiple of the 16 streams, so epochs do not align with batches
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors; OpenMP spinning on 2 shared cores costs more than it gives
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("data") / "synth")
+    make_shards("synthetic", out, RES, num_samples=N, samples_per_shard=23, workers=2, progress=False)
+    return out
+
+
+def run_keys(url: str, world: int, steps: int, *, state: dict | None = None, num_workers: int = 0,
+             grad_accum: int = 1, window: int = 0, global_batch: int = G) -> tuple[list[list[str]], dict]:
+    """Global batches (lists of keys, rank 0's share first) of `steps` steps from `state`, ranks simulated."""
+    loaders = [ShardLoader(url, global_batch=global_batch, rank=r, world=world, grad_accum=grad_accum,
+                           num_workers=num_workers, shuffle_window=window, seed=3) for r in range(world)]
+    if state is not None:
+        for ld in loaders:
+            ld.load_state_dict(json.loads(json.dumps(state)))  # the state survives JSON
+    batches = []
+    for _ in range(steps):
+        keys = []
+        for ld in loaders:
+            micro = ld.next_step()
+            assert len(micro) == grad_accum
+            for mb in micro:
+                assert mb["image"].shape == (global_batch // (world * grad_accum), 3, RES, RES)
+                assert mb["image"].dtype == torch.float32
+                keys += mb["key"]
+        batches.append(keys)
+    states = [ld.state_dict() for ld in loaders]
+    assert all(s == states[0] for s in states), "the state must not depend on the rank"
+    for ld in loaders:
+        ld.close()
+    return batches, states[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# make_shards
+# --------------------------------------------------------------------------------------------------
+
+
+def test_shards_readable_by_plain_tar_and_webdataset(synth):
+    m = json.loads(Path(synth, "index.json").read_text())
+    assert m["total_samples"] == N and m["resolution"] == RES and m["encoding"] == "png"
+    assert sum(s["samples"] for s in m["shards"]) == N and len(m["shards"]) == m["num_shards"] == 14
+    assert m["skipped"] == {"count": 0, "names": []}
+    names = []
+    for s in m["shards"]:
+        path = Path(synth, s["name"])
+        assert path.stat().st_size == s["bytes"]
+        listing = subprocess.run(["tar", "tf", str(path)], check=True, capture_output=True, text=True).stdout.split()
+        assert len([n for n in listing if n.endswith(".png")]) == s["samples"]
+        names += listing
+    keys = [n.split(".")[0] for n in names if n.endswith(".png")]
+    assert keys == sorted(keys) and len(set(keys)) == N  # unique and sortable
+
+    import webdataset as wds
+
+    urls = [str(Path(synth, s["name"])) for s in m["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    assert len(samples) == N
+    assert samples[0]["png"].shape == (RES, RES, 3) and samples[0]["json"]["source"] == "synthetic/000000000"
+
+
+def test_synthetic_images_are_pure_functions():
+    a, b = synthetic_image(7, 11, 24), synthetic_image(7, 11, 24)
+    assert a.dtype == np.uint8 and a.shape == (24, 24, 3) and np.array_equal(a, b)
+    assert not np.array_equal(a, synthetic_image(8, 11, 24)) and not np.array_equal(a, synthetic_image(7, 12, 24))
+    assert synthetic_image(0, 0, 37).shape == (37, 37, 3) and a.std() > 5
+
+
+def _image_folder(root: Path) -> dict[str, int]:
+    """A folder tree with valid images of several modes/sizes and three unreadable files."""
+    rng = np.random.default_rng(0)
+    (root / "b" / "deep").mkdir(parents=True)
+    valid = {"a1.png": (40, 30, "RGB"), "a2.jpg": (31, 64, "RGB"), "b/c.webp": (20, 20, "RGB"),
+             "b/deep/d.png": (50, 17, "RGBA"), "b/deep/e.png": (33, 33, "L"), "f.JPEG": (16, 16, "RGB")}
+    for name, (w, h, mode) in valid.items():
+        arr = rng.integers(0, 255, (h, w, len(mode)), dtype=np.uint8)
+        Image.fromarray(arr.squeeze() if mode == "L" else arr).save(root / name)
+    (root / "bad.jpg").write_bytes(b"this is not an image")
+    good = (root / "a1.png").read_bytes()
+    (root / "b" / "truncated.png").write_bytes(good[: len(good) // 3])
+    (root / "b" / "empty.webp").write_bytes(b"")
+    (root / "notes.txt").write_text("ignored: not an image extension")
+    return {"valid": len(valid), "bad": 3}
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    counts = _image_folder(tmp_path / "src")
+    s = make_shards(str(tmp_path / "src"), str(tmp_path / "out"), 8, samples_per_shard=2, progress=False)
+    assert s["samples"] == counts["valid"] and s["skipped"] == counts["bad"]
+    assert sorted(s["skipped_names"]) == ["b/empty.webp", "b/truncated.png", "bad.jpg"]
+    m = read_manifest(str(tmp_path / "out"))
+    assert m["skipped"]["count"] == 3 and m["total_samples"] == counts["valid"]
+    imgs = torch.cat(list(iterate_dataset(str(tmp_path / "out"), rank=0, world=1, batch_size=4)))
+    assert imgs.shape == (counts["valid"], 3, 8, 8) and imgs.dtype == torch.uint8
+
+
+def test_rerun_skips_complete_shards_and_redoes_damaged_ones(tmp_path):
+    out = str(tmp_path / "out")
+    first = make_shards("synthetic", out, 8, num_samples=40, samples_per_shard=10, workers=2, progress=False)
+    assert first["written_shards"] == 4
+    index = Path(out, "index.json").read_bytes()
+    again = make_shards("synthetic", out, 8, num_samples=40, samples_per_shard=10, workers=2, progress=False)
+    assert again["written_shards"] == 0 and again["reused_shards"] == 4
+    shard = Path(out, "shard-000002.tar")
+    shard.write_bytes(shard.read_bytes()[:-1024])  # damaged: size/checksum no longer match
+    Path(out, "_parts", "shard-000001.json").unlink()  # an interrupted shard (no completion record)
+    fixed = make_shards("synthetic", out, 8, num_samples=40, samples_per_shard=10, workers=2, progress=False)
+    assert fixed["written_shards"] == 2 and Path(out, "index.json").read_bytes() == index  # byte-identical
+    with pytest.raises(config.ConfigError, match="other settings"):
+        make_shards("synthetic", out, 16, num_samples=40, samples_per_shard=10, progress=False)
+
+
+def test_zip_source(tmp_path):
+    rng = np.random.default_rng(1)
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as z:
+        for i in range(7):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (12 + i, 20, 3), dtype=np.uint8)).save(buf, "PNG")
+            z.writestr(f"set/{i:02d}.png", buf.getvalue())
+        z.writestr("set/broken.png", b"garbage")
+        z.writestr("readme.md", b"not an image")
+    s = make_shards(str(tmp_path / "imgs.zip"), str(tmp_path / "out"), 8, encoding="jpg", quality=90,
+                    samples_per_shard=3, progress=False)
+    assert s["samples"] == 7 and s["shards"] == 3 and s["skipped_names"] == ["set/broken.png"]
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as t:
+        assert t.getnames()[:2] == ["000000000.jpg", "000000000.json"]
+
+
+def test_cli_runs_and_rejects_bad_input(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = [sys.executable, str(ROOT / "jobs" / "make_shards.py")]
+    ok = subprocess.run(job + ["source=synthetic", "num_samples=20", f"output={tmp_path / 'o'}", "resolution=8",
+                               "samples_per_shard=8", "--json"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["shards"] == 3
+    bad = subprocess.run(job + ["source=synthetic", f"output={tmp_path / 'o'}", "resolution=8", "encodng=png"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "did you mean encoding" in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader: order, resume, workers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_epochs_cover_every_sample_once(synth):
+    batches, _ = run_keys(synth, 1, 75)  # 75 x 16 = 4 epochs of 300 (the streams realign after 4 epochs)
+    flat = [k for b in batches for k in b]
+    assert len(set(flat[: (N // G) * G])) == (N // G) * G  # no repeat inside the first epoch
+    assert set(collections.Counter(flat).values()) == {4} and len(set(flat)) == N
+    epoch0, epoch1 = flat[:N], flat[N: 2 * N]
+    assert epoch0 != epoch1  # a fresh permutation every epoch
+
+
+@pytest.mark.parametrize("w0,w1", [(1, 1), (2, 2), (2, 1), (1, 2)])
+def test_resume_is_exact_across_world_sizes(synth, w0, w1):
+    full, _ = run_keys(synth, 1, 45)
+    for stop in (1, 18, 19, 30):  # mid-epoch, right at and across the epoch boundary (300/16 = 18.75 batches)
+        head, state = run_keys(synth, w0, stop)
+        tail, _ = run_keys(synth, w1, 45 - stop, state=state)
+        assert state["step"] == stop and head + tail == full, (w0, w1, stop)
+
+
+def test_resume_with_workers_and_shuffle_window(synth):
+    full, _ = run_keys(synth, 1, 40, window=50)
+    two, _ = run_keys(synth, 2, 40, window=50, num_workers=2)
+    assert two == full  # workers never change the order
+    head, state = run_keys(synth, 2, 13, window=50, num_workers=2)
+    tail, _ = run_keys(synth, 1, 27, window=50, state=state, num_workers=2)
+    assert head + tail == full
+    flat = [k for b in full for k in b]
+    assert len(set(flat[:288])) == 288
+    plain, _ = run_keys(synth, 1, 40)
+    assert plain != full  # the window changes the order (mixing across shards)
+
+
+def test_micro_batches_images_and_flips(synth):
+    ld = ShardLoader(synth, global_batch=G, rank=1, world=2, grad_accum=4, seed=3, hflip=True)
+    micro = ld.next_step()
+    assert len(micro) == 4 and all(mb["image"].shape == (2, 3, RES, RES) for mb in micro)
+    x = torch.cat([mb["image"] for mb in micro])
+    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
+    noflip = ShardLoader(synth, global_batch=G, rank=1, world=2, grad_accum=4, seed=3, hflip=False)
+    y = torch.cat([mb["image"] for mb in noflip.next_step()])
+    flipped = [bool(torch.equal(a, b.flip(-1))) and not torch.equal(a, b) for a, b in zip(x, y)]
+    assert 0 < sum(flipped) < len(flipped) and all(torch.equal(a, b) or f for a, b, f in zip(x, y, flipped))
+    assert ld.stats() == {"corrupt_samples": 0, "missing_shards": 0, "read_retries": 0,
+                          "shards_read": ld.stats()["shards_read"], "bytes_read": ld.stats()["bytes_read"]}
+
+
+def test_geometry_errors(synth):
+    with pytest.raises(config.ConfigError, match=r"number of ranks \(3\) must divide 16"):
+        ShardLoader(synth, global_batch=G, rank=0, world=3)
+    with pytest.raises(config.ConfigError, match="needs 32 px"):
+        ShardLoader(synth, global_batch=G, rank=0, world=1, resolution=32)
+    with pytest.raises(config.ConfigError, match="make_shards"):
+        ShardLoader(synth + "-nothing", global_batch=G, rank=0, world=1)
+    ld = ShardLoader(synth, global_batch=G, rank=0, world=1)
+    with pytest.raises(config.ConfigError, match="global_batch"):
+        ld.load_state_dict({**ld.state_dict(), "global_batch": 32})
+
+
+def test_fewer_shards_than_streams(tmp_path):
+    out = str(tmp_path / "few")
+    make_shards("synthetic", out, 8, num_samples=37, samples_per_shard=15, progress=False)  # 3 shards, 16 streams
+    loaders = [ShardLoader(out, global_batch=16, rank=r, world=2) for r in range(2)]
+    flat = [k for _ in range(37) for ld in loaders for mb in ld.next_step() for k in mb["key"]]
+    assert set(collections.Counter(flat).values()) == {16}  # 16 epochs, every sample once in each
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors: corrupt samples, missing shards, cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _copy_dataset(src: str, dst: Path) -> str:
+    dst.mkdir()
+    for p in Path(src).iterdir():
+        if p.is_file():
+            (dst / p.name).write_bytes(p.read_bytes())
+    return str(dst)
+
+
+def test_corrupt_sample_is_replaced_and_counted(synth, tmp_path):
+    url = _copy_dataset(synth, tmp_path / "c")
+    shard = Path(url, "shard-000004.tar")
+    buf = io.BytesIO()
+    with tarfile.open(shard) as src, tarfile.open(fileobj=buf, mode="w") as dst:
+        for info in src.getmembers():
+            data = src.extractfile(info).read()
+            if info.name == "000000095.png":
+                data = b"not a png" * 10
+                info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    shard.write_bytes(buf.getvalue())
+    batches, _ = run_keys(url, 1, 19)
+    flat = [k for b in batches for k in b]
+    assert "000000095" not in flat[: (N // G) * G] and len(flat) == 19 * G
+    ld = ShardLoader(url, global_batch=G, rank=0, world=1)
+    for _ in range(19):
+        ld.next_step()
+    assert ld.stats()["corrupt_samples"] == 1
+    strict = ShardLoader(url, global_batch=G, rank=0, world=1, on_error="fail")
+    with pytest.raises(DataError, match="000000095"):
+        for _ in range(19):
+            strict.next_step()
+
+
+def test_missing_shard_is_reported_and_skipped(synth, tmp_path, capfd):
+    url = _copy_dataset(synth, tmp_path / "m")
+    Path(url, "shard-000007.tar").unlink()
+    ld = ShardLoader(url, global_batch=G, rank=0, world=1, num_workers=2)
+    flat = [k for _ in range(19) for mb in ld.next_step() for k in mb["key"]]
+    assert len(flat) == 19 * G and not any("000000161" <= k <= "000000183" for k in flat)
+    assert ld.stats()["missing_shards"] >= 1
+    ld.close()
+    assert "shard-000007.tar is missing" in capfd.readouterr().err
+    strict = ShardLoader(url, global_batch=G, rank=0, world=1, on_error="fail")
+    with pytest.raises(DataError, match="shard-000007.tar"):
+        for _ in range(19):
+            strict.next_step()
+
+
+def test_cache_dir_gives_the_same_batches(synth, tmp_path):
+    a, _ = run_keys(synth, 1, 20)
+    ld = ShardLoader(synth, global_batch=G, rank=0, world=1, seed=3, cache_dir=str(tmp_path / "cache"))
+    b = [[k for mb in ld.next_step() for k in mb["key"]] for _ in range(20)]
+    assert a == b and len(list((tmp_path / "cache").rglob("*.tar"))) == 14
+
+
+# --------------------------------------------------------------------------------------------------
+# FID iteration and the trainer's dataset hook
+# --------------------------------------------------------------------------------------------------
+
+
+def test_iterate_dataset_visits_each_sample_once(synth):
+    whole = torch.cat(list(iterate_dataset(synth, rank=0, world=1, batch_size=64)))
+    assert whole.shape == (N, 3, RES, RES) and whole.dtype == torch.uint8
+    parts = [torch.cat(list(iterate_dataset(synth, rank=r, world=3, batch_size=7, num_samples=100)))
+             for r in range(3)]
+    assert sum(p.shape[0] for p in parts) == 100 and torch.equal(torch.cat(parts), whole[:100])
+
+
+def test_ensure_dataset_draws_synthetic_set_once(tmp_path):
+    url = str(tmp_path / "syn")
+    cfg = config.load("tiny", {"data.url": url, "data.synthetic_samples": 70, "model.resolution": 16})
+    murl = ensure_dataset(cfg)
+    assert murl == url + "/index.json" and read_manifest(url)["total_samples"] == 70
+    mtime = Path(murl).stat().st_mtime_ns
+    assert ensure_dataset(cfg) == murl and Path(murl).stat().st_mtime_ns == mtime
+    cfg2 = config.load("tiny", {"data.url": str(tmp_path / "none"), "data.synthetic_if_missing": False})
+    with pytest.raises(config.ConfigError, match="make_shards"):
+        ensure_dataset(cfg2)

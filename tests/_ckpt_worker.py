@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from waveforge import checkpoint, dist
 from waveforge.config import StorageConfig
 

@@ -57,6 +57,7 @@ import safetensors.torch
 import torch
 
 from waveforge import dist
+from waveforge import storage as wstorage
 from waveforge.config import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def _step_of(name: str) -> int | None:
 
 
 def _is_url(text: str) -> bool:
-    return "://" in text and not text.startswith("file://")
+    return not wstorage.is_local(text)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -358,100 +359,53 @@ def _prune(root: Path, keep_last: int, busy: set[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def filesystem(url: str, storage: StorageConfig | None = None) -> tuple[Any, str]:
-    """(fsspec filesystem, path without the protocol) for `url`; s3 settings from `storage` or AWS_* env."""
-    import fsspec
-
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    options: dict[str, Any] = {}
-    if protocol in ("s3", "s3a"):
-        scfg = storage or StorageConfig()
-        endpoint = scfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL", "")
-        key = scfg.access_key or os.environ.get("AWS_ACCESS_KEY_ID", "")
-        secret = scfg.secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY", "")
-        client: dict[str, Any] = {}
-        if endpoint:
-            client["endpoint_url"] = endpoint
-        if scfg.region:
-            client["region_name"] = scfg.region
-        options = {"client_kwargs": client}
-        if key and secret:
-            options.update(key=key, secret=secret)
-    fs, path = fsspec.core.url_to_fs(url, **options)
-    return fs, path.rstrip("/")
-
-
-def _with_retries(what: str, fn: Any, retries: int, backoff_s: float) -> Any:
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - storage errors come in many types; retried, then raised
-            if attempt == retries:
-                raise
-            wait = backoff_s * 2 ** attempt
-            log.warning("checkpoint storage: %s failed (%s: %s); retry %d/%d in %.1f s", what, type(e).__name__,
-                        e, attempt + 1, retries, wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
-
-
-def upload(ckpt: Path, url: str, storage: StorageConfig | None = None, *, retries: int = 5,
-           backoff_s: float = 1.0) -> str:
+def upload(ckpt: Path, url: str, storage: StorageConfig | None = None) -> str:
     """Copy the complete local checkpoint `ckpt` to `url/<its name>/`: files, then the manifest, then
-    `url/latest`. Returns the remote checkpoint URL. Raises after `retries` failed attempts of a file."""
+    `url/latest`. Returns the remote checkpoint URL. Transient errors are retried (waveforge.storage)."""
     m = read_manifest(ckpt)
-    fs, base = filesystem(url, storage)
-    remote = f"{base}/{ckpt.name}"
+    remote = wstorage.join(url, ckpt.name)
     for rel in m["files"]:
-        _with_retries(f"upload {rel}", lambda rel=rel: fs.put_file(str(ckpt / rel), f"{remote}/{rel}"),
-                      retries, backoff_s)
-    _with_retries("upload manifest", lambda: fs.put_file(str(ckpt / MANIFEST), f"{remote}/{MANIFEST}"),
-                  retries, backoff_s)
-    _with_retries("update latest", lambda: fs.pipe_file(f"{base}/{LATEST}", (ckpt.name + "\n").encode()),
-                  retries, backoff_s)
-    return f"{url.rstrip('/')}/{ckpt.name}"
+        wstorage.put_file(str(ckpt / rel), wstorage.join(remote, rel), storage)
+    wstorage.put_file(str(ckpt / MANIFEST), wstorage.join(remote, MANIFEST), storage)
+    wstorage.write_text(wstorage.join(url, LATEST), ckpt.name + "\n", storage)
+    return remote
 
 
 def _remote_checkpoints(url: str, storage: StorageConfig | None) -> list[str]:
     """Names of complete remote checkpoints (those with a manifest) under `url`, oldest first."""
-    fs, base = filesystem(url, storage)
-    if not fs.exists(base):
-        return []
-    names = []
-    for p in fs.ls(base, detail=False, refresh=True):
-        name = p.rstrip("/").rsplit("/", 1)[-1]
-        if _step_of(name) is not None and fs.exists(f"{base}/{name}/{MANIFEST}"):
-            names.append(name)
-    return sorted(names, key=lambda n: _step_of(n))
+    names = [n for n in wstorage.listdir(url, storage) if _step_of(n) is not None]
+    complete = [n for n in names if wstorage.exists(wstorage.join(url, n, MANIFEST), storage)]
+    return sorted(complete, key=lambda n: _step_of(n))
 
 
 def _prune_remote(url: str, storage: StorageConfig | None, keep_last: int) -> None:
-    fs, base = filesystem(url, storage)
-    names = _remote_checkpoints(url, storage)
-    for name in names[:-keep_last]:
-        m = json.loads(fs.cat_file(f"{base}/{name}/{MANIFEST}"))
+    """Delete remote checkpoints beyond the newest keep_last (milestones kept): manifest first."""
+    for name in _remote_checkpoints(url, storage)[:-keep_last]:
+        m = json.loads(wstorage.read_bytes(wstorage.join(url, name, MANIFEST), storage))
         if m.get("milestone"):
             continue
-        fs.rm_file(f"{base}/{name}/{MANIFEST}")  # incomplete first, then gone
-        fs.rm(f"{base}/{name}", recursive=True)
+        wstorage.remove(wstorage.join(url, name, MANIFEST), storage)
+        wstorage.remove(wstorage.join(url, name), storage, recursive=True)
 
 
-def download(url: str, dest_root: Path, storage: StorageConfig | None = None, *, files: list[str] | None = None,
-             retries: int = 5, backoff_s: float = 1.0) -> Path:
+def download(url: str, dest_root: Path, storage: StorageConfig | None = None, *,
+             files: list[str] | None = None) -> Path:
     """Download the remote checkpoint `url` (a step-... folder with a manifest) into `dest_root/<name>/`,
     verifying sizes and sha256; published atomically like a save. `files`: only these (plus the manifest;
     the result is then not a complete checkpoint and lives in a `.partial-` folder). Returns the folder."""
-    fs, path = filesystem(url, storage)
-    name = path.rsplit("/", 1)[-1]
+    url = url.rstrip("/")
+    name = url.rsplit("/", 1)[-1]
     if _step_of(name) is None:
         raise CheckpointError(f"{url}: not a checkpoint folder (expected .../step-NNNNNNNNN)")
     try:
-        manifest_bytes = _with_retries("read manifest", lambda: fs.cat_file(f"{path}/{MANIFEST}"), retries,
-                                       backoff_s)
+        manifest_bytes = wstorage.read_bytes(wstorage.join(url, MANIFEST), storage)
     except FileNotFoundError:
         raise CheckpointError(f"{url} is not a complete checkpoint: no {MANIFEST} (upload unfinished?)") from None
     m = json.loads(manifest_bytes)
     wanted = list(m["files"]) if files is None else files
+    unknown = [rel for rel in wanted if rel not in m["files"]]
+    if unknown:
+        raise CheckpointError(f"{url}: {unknown} not in the checkpoint")
     final = dest_root / (name if files is None else f".partial-{name}")
     if final.is_dir() and all((final / rel).is_file() and (final / rel).stat().st_size == m["files"][rel]["size"]
                               for rel in wanted):
@@ -460,11 +414,7 @@ def download(url: str, dest_root: Path, storage: StorageConfig | None = None, *,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for rel in wanted:
-        if rel not in m["files"]:
-            raise CheckpointError(f"{url}: {rel} is not in the checkpoint")
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        _with_retries(f"download {rel}", lambda rel=rel: fs.get_file(f"{path}/{rel}", str(tmp / rel)), retries,
-                      backoff_s)
+        wstorage.get_file(wstorage.join(url, rel), str(tmp / rel), storage)
         got = _hash_file(tmp / rel)
         if got != m["files"][rel]:
             raise CheckpointError(f"{url}/{rel}: downloaded file differs from the manifest ({got} vs "
@@ -521,7 +471,7 @@ class Uploader:
             ckpt = self._queue.get()
             t0 = time.perf_counter()
             try:
-                remote = upload(ckpt, self.url, self.storage, retries=self.retries, backoff_s=self.backoff_s)
+                remote = self._upload_with_retries(ckpt)
                 if self.keep_last > 0:
                     _prune_remote(self.url, self.storage, self.keep_last)
                 self.uploaded.append(remote)
@@ -538,6 +488,19 @@ class Uploader:
                 with self._lock:
                     self._pending.discard(ckpt.name)
                 self._queue.task_done()
+
+    def _upload_with_retries(self, ckpt: Path) -> str:
+        for attempt in range(self.retries + 1):
+            try:
+                return upload(ckpt, self.url, self.storage)
+            except Exception as e:  # noqa: BLE001 - whole-checkpoint retry on top of storage's own retries
+                if attempt == self.retries:
+                    raise
+                wait = self.backoff_s * 2 ** attempt
+                log.warning("checkpoint upload of %s failed (%s: %s); attempt %d/%d again in %.0f s", ckpt.name,
+                            type(e).__name__, e, attempt + 2, self.retries + 1, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def wait(self) -> int:
         """Block until every queued upload is done; return the number of failed uploads so far."""
@@ -570,9 +533,9 @@ def _resolve_local(path: Path) -> Path:
 
 def _resolve_remote(url: str, storage: StorageConfig | None) -> str:
     """A remote checkpoint URL, or a remote checkpoints root -> URL of its (newest) complete checkpoint."""
-    fs, path = filesystem(url, storage)
-    if _step_of(path.rsplit("/", 1)[-1]) is not None:
-        if not fs.exists(f"{path}/{MANIFEST}"):
+    url = url.rstrip("/")
+    if _step_of(url.rsplit("/", 1)[-1]) is not None:
+        if not wstorage.exists(wstorage.join(url, MANIFEST), storage):
             raise CheckpointError(f"{url} is not a complete checkpoint: no {MANIFEST} (upload unfinished?)")
         return url.rstrip("/")
     names = _remote_checkpoints(url, storage)
@@ -592,7 +555,7 @@ def _find_resume_rank0(run_dir: Path, resume: str, url: str, storage: StorageCon
         if url:
             names = _remote_checkpoints(url, storage)
             if names and (local is None or _step_of(names[-1]) > _step_of(local.name)):
-                return download(f"{url.rstrip('/')}/{names[-1]}", root, storage)
+                return download(wstorage.join(url, names[-1]), root, storage)
         return local
     if _is_url(resume):
         return download(_resolve_remote(resume, storage), root, storage)

@@ -1,0 +1,435 @@
+"""Checkpoints of the two-engine (G, D) DeepSpeed trainer: bit-exact resume, kills at any moment (also
+inside a save), resharding 2 <-> 1 ranks, object-storage round trip, export.
+
+The multi-process tests run tests/_ckpt_worker.py (a toy GAN loop over two DeepSpeed engines, re-seeded per
+step like the trainer) as 1 or 2 gloo ranks on CPU and compare full snapshots of the training state
+(fp32 master weights, Adam moments, 16-bit weights, LR schedulers, EMA) with torch.equal: exact, not close.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from waveforge import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "_ckpt_worker.py"
+STEPS = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                   str(Path.home() / ".cache" / "torch_extensions")))
+    env.update(extra or {})
+    return env
+
+
+def start(world: int, run_dir: Path, env: dict[str, str] | None = None, **args: object) -> list[subprocess.Popen]:
+    """Start `world` worker ranks (each in its own session so a test can SIGKILL the whole job)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    port = str(_free_port())
+    argv = [sys.executable, str(WORKER), f"run_dir={run_dir}"] + [f"{k}={v}" for k, v in args.items()]
+    procs = []
+    for r in range(world):
+        e = _env({**(env or {}), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                  "MASTER_PORT": port})
+        log = open(run_dir / f"log-{len(list(run_dir.glob('log-*')))}-rank{r}.txt", "w")
+        procs.append(subprocess.Popen(argv, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        log.close()
+    return procs
+
+
+def wait(procs: list[subprocess.Popen], run_dir: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            kill(procs)
+            raise
+    if any(p.returncode for p in procs):
+        logs = sorted(run_dir.glob("log-*"))[-len(procs):]
+        tail = "\n".join(f"--- {f.name}\n" + f.read_text()[-3000:] for f in logs)
+        raise AssertionError(f"worker failed (exit codes {[p.returncode for p in procs]}):\n{tail}")
+
+
+def kill(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)  # the worker's own session: this rank and nothing else
+    for p in procs:
+        p.wait()
+
+
+def run(world: int, run_dir: Path, env: dict[str, str] | None = None, **args: object) -> Path:
+    wait(start(world, run_dir, env, **args), run_dir)
+    return run_dir
+
+
+def snap(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    sa, sb = snap(a), snap(b)
+    assert sa.keys() == sb.keys()
+    differ = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not differ, f"{a.name} vs {b.name}: differ in {differ[:8]} (max abs diff " \
+        f"{max((sa[k].double() - sb[k].double()).abs().max().item() for k in differ):.3g})"
+
+
+def losses(run_dir: Path) -> dict[int, list[tuple[float, float]]]:
+    out: dict[int, list[tuple[float, float]]] = {}
+    for line in (run_dir / "losses.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        out.setdefault(d["step"], []).append((d["loss_d"], d["loss_g"]))
+    return out
+
+
+def events(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+CONFIGS = {"z2-z2-bf16": dict(zero_g=2, zero_d=2, precision="bf16"),
+           "z3-z2-bf16": dict(zero_g=3, zero_d=2, precision="bf16"),
+           "z2-z2-fp32": dict(zero_g=2, zero_d=2, precision="fp32")}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory):
+    """Uninterrupted 2-rank runs of STEPS steps per config (saving at 3 and 6), made on first use."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = run(2, tmp_path_factory.mktemp(f"straight-{name}"), steps=STEPS, save_every=3,
+                             snap="3,6", keep_last=5, **CONFIGS[name])
+        return made[name]
+
+    return get
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact resume, resharding
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_resume_is_bit_exact(straight, tmp_path: Path, name: str) -> None:
+    a = straight(name)
+    ck = checkpoint.ckpt_root(a) / "step-000000003"
+    assert checkpoint.is_complete(ck, hashes=True)
+    m = checkpoint.read_manifest(ck)
+    assert m["world"] == 2 and m["step"] == 3 and set(m["engines"]) == {"G", "D"}
+    assert (checkpoint.ckpt_root(a) / "latest").read_text().strip() == "step-000000006"
+
+    b = run(2, tmp_path / "resumed", steps=STEPS, save_every=3, snap="6", resume=str(ck), **CONFIGS[name])
+    assert_same_state(a / "snap-3.pt", b / "snap-resumed-3.pt")  # right after load
+    assert_same_state(a / "snap-6.pt", b / "snap-6.pt")  # after 3 more steps
+    la, lb = losses(a), losses(b)
+    assert sorted(lb) == [4, 5, 6] and all(lb[s] == la[s] for s in lb)
+    ema_a = safetensors.torch.load_file(str(checkpoint.ckpt_root(a) / "step-000000006" / "ema.safetensors"))
+    ema_b = safetensors.torch.load_file(str(checkpoint.ckpt_root(b) / "step-000000006" / "ema.safetensors"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["z2-z2-bf16", "z3-z2-bf16"])
+def test_reshard_2_to_1_to_2(straight, tmp_path: Path, name: str) -> None:
+    a = straight(name)
+    ck = checkpoint.ckpt_root(a) / "step-000000003"
+    assert checkpoint.needs_universal(ck, 1) and not checkpoint.needs_universal(ck, 2)
+    # 2 -> 1: the full state after load equals the one saved; training goes on and saves at world 1.
+    one = run(1, tmp_path / "one", steps=5, save_every=5, snap="5", resume=str(ck), **CONFIGS[name])
+    assert_same_state(a / "snap-3.pt", one / "snap-resumed-3.pt")
+    assert (ck / "G_universal" / ".complete").is_file() and (ck / "D_universal" / ".complete").is_file()
+    assert sorted(losses(one)) == [4, 5] and all(map(lambda v: torch.isfinite(torch.tensor(v)).all(),
+                                                     losses(one).values()))
+    ck1 = checkpoint.ckpt_root(one) / "step-000000005"
+    assert checkpoint.read_manifest(ck1)["world"] == 1
+    # 1 -> 2
+    two = run(2, tmp_path / "two", steps=6, save_every=6, resume=str(ck1), **CONFIGS[name])
+    assert_same_state(one / "snap-5.pt", two / "snap-resumed-5.pt")
+    assert sorted(losses(two)) == [6]
+
+
+def test_load_on_other_world_without_patch_is_a_clear_error(straight, tmp_path: Path) -> None:
+    ck = checkpoint.ckpt_root(straight("z2-z2-bf16")) / "step-000000003"
+
+    class FakeEngine:
+        def load_universal_checkpoint(self) -> bool:
+            return False
+
+    with pytest.raises(checkpoint.CheckpointError, match="ds_config_patch"):
+        checkpoint.load(ck, {"G": FakeEngine(), "D": FakeEngine()}, torch.nn.Linear(1, 1))
+    with pytest.raises(checkpoint.CheckpointError, match="engines"):
+        checkpoint.load(ck, {"G": FakeEngine()}, torch.nn.Linear(1, 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Kills at random moments and inside a save
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_invariants(run_dir: Path) -> int:
+    """`latest` names a complete checkpoint; every step-* folder is complete. Returns the newest step (or 0)."""
+    root = checkpoint.ckpt_root(run_dir)
+    folders = sorted(p for p in root.glob("step-*")) if root.is_dir() else []
+    for p in folders:
+        assert checkpoint.is_complete(p, hashes=True), f"{p} is published but incomplete"
+    if (root / "latest").exists():
+        target = root / (root / "latest").read_text().strip()
+        assert checkpoint.is_complete(target), f"latest -> {target} is not complete"
+    return checkpoint.read_manifest(folders[-1])["step"] if folders else 0
+
+
+def _wait_for(cond, procs: list[subprocess.Popen], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            kill(procs)
+            raise AssertionError("the worker ended or stalled before the kill point")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_resumes_exactly(straight, tmp_path: Path) -> None:
+    name = "z2-z2-bf16"
+    a = straight(name)
+    d = tmp_path / "killed"
+    args = dict(steps=STEPS, save_every=1, keep_last=2, step_sleep=0.3, **CONFIGS[name])
+    rng = random.Random(1234)
+    resumed_at: list[int] = []
+
+    def n_losses() -> int:
+        f = d / "losses.jsonl"
+        return len(f.read_text().splitlines()) if f.exists() else 0
+
+    # Kill 1: deterministically inside the first save, after every rank wrote its shards and RNG file,
+    # before the manifest (the save sleeps there).
+    procs = start(2, d, {checkpoint.PAUSE_ENV: "30"}, **args)
+    tmp = checkpoint.ckpt_root(d) / ".tmp-000000001"
+    _wait_for(lambda: len(list((tmp / "rng").glob("*.pt"))) == 2 and (tmp / "state.pt").exists(), procs)
+    time.sleep(0.2)
+    kill(procs)
+    assert _check_invariants(d) == 0 and tmp.exists()  # nothing published, the leftover is there
+
+    # Kills 2-4: at random moments after the restarted job made progress (during steps or saves).
+    for _ in range(3):
+        before = _check_invariants(d)
+        seen = n_losses()
+        procs = start(2, d, **args)
+        _wait_for(lambda seen=seen: n_losses() > seen, procs)
+        time.sleep(rng.uniform(0.0, 0.6))
+        kill(procs)
+        after = _check_invariants(d)
+        assert after >= before
+    before = _check_invariants(d)
+    run(2, d, **args)
+    assert not list(checkpoint.ckpt_root(d).glob(".tmp-*"))  # leftovers of the killed saves cleaned
+
+    ev = events(d)
+    starts = [e for e in ev if e["kind"] in ("start", "resume")]
+    for e in starts:
+        if e["kind"] == "resume":
+            resumed_at.append(e["step"])
+    assert resumed_at == sorted(resumed_at) and resumed_at[-1] == before  # resumed from the newest complete
+    # Every step computed (again, after a kill) gave the uninterrupted run's losses, and the final state is
+    # identical to it: no step was applied twice or skipped.
+    la, lk = losses(a), losses(d)
+    assert sorted(lk) == list(range(1, STEPS + 1))
+    assert all(v == la[s] for s, vals in lk.items() for v in vals)
+    assert_same_state(a / "snap-6.pt", d / "snap-6.pt")
+    assert checkpoint.read_manifest(checkpoint.ckpt_root(d) / "step-000000006")["step"] == STEPS
+    assert len(list(checkpoint.ckpt_root(d).glob("step-*"))) == 2  # keep_last
+
+
+# --------------------------------------------------------------------------------------------------
+# find_resume, pruning, state checks (one process)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_find_resume_choices(straight, tmp_path: Path) -> None:
+    a = straight("z2-z2-bf16")
+    root = checkpoint.ckpt_root(a)
+    assert checkpoint.find_resume(a, "never") is None
+    assert checkpoint.find_resume(a, "auto") == root / "step-000000006"
+    assert checkpoint.find_resume(tmp_path / "new", "auto") is None
+    assert checkpoint.find_resume(tmp_path / "x", str(root / "step-000000003")) == root / "step-000000003"
+    assert checkpoint.find_resume(tmp_path / "x", str(a)) == root / "step-000000006"
+    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
+        checkpoint.find_resume(tmp_path / "x", str(tmp_path / "missing"))
+    # An incomplete copy (a file lost) is never chosen, and naming it is a clear error.
+    bad = tmp_path / "copy" / "checkpoints"
+    import shutil
+
+    shutil.copytree(root, bad)
+    (bad / "step-000000006" / "G" / "mp_rank_00_model_states.pt").unlink()
+    assert checkpoint.find_resume(tmp_path / "copy", "auto") == bad / "step-000000003"
+    with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
+        checkpoint.find_resume(tmp_path / "y", str(bad / "step-000000006"))
+
+
+def test_state_must_be_plain_data() -> None:
+    import numpy as np
+
+    checkpoint._check_plain({"step": 1, "loader": {"order": torch.arange(3), "names": ["a"]}, "x": None})
+    with pytest.raises(TypeError, match=r"state\['loader'\]\['order'\] is a ndarray"):
+        checkpoint._check_plain({"loader": {"order": np.arange(3)}})
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+
+def test_export_loads_into_a_fresh_module(straight, tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _ckpt_worker import make_g
+
+    a = straight("z2-z2-bf16")
+    out = checkpoint.export(str(a))
+    assert out == a / "export"
+    cfg = json.loads((out / "model_config.json").read_text())
+    assert cfg["model"] == {"nf": 8} and cfg["diffusion"] == {"num_timesteps": 2} and cfg["step"] == 6
+    g = make_g()
+    missing, unexpected = safetensors.torch.load_model(g, str(out / "generator_ema.safetensors"))
+    assert not missing and not unexpected
+    ema = safetensors.torch.load_file(str(checkpoint.ckpt_root(a) / "step-000000006" / "ema.safetensors"))
+    assert all(torch.equal(g.state_dict()[k], ema[k]) for k in ema)
+    assert snap(a / "snap-6.pt")["ema.0.weight"].equal(g.state_dict()["0.weight"])
+    # a chosen step, through the job entry point
+    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), f"run={a}", "checkpoint=3",
+                          f"out={tmp_path / 'e3'}"], capture_output=True, text=True, env=_env())
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "e3" / "model_config.json").read_text())["step"] == 3
+
+
+def test_export_job_bad_input_exits_2(tmp_path: Path) -> None:
+    job = str(ROOT / "jobs" / "export.py")
+    for argv, msg in (([], "missing run="), ([f"run={tmp_path}"], "no complete checkpoint"),
+                      ([f"run={tmp_path}", "bogus=1"], "unknown key"),
+                      ([f"run={tmp_path}", "checkpoint=latest-ish"], "checkpoint=")):
+        res = subprocess.run([sys.executable, job, *argv], capture_output=True, text=True, env=_env())
+        assert res.returncode == 2 and "error:" in res.stderr and msg in res.stderr, (argv, res.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# Object storage (real SeaweedFS)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_object_storage_round_trip(s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = s3_server.make_bucket("ckpt-roundtrip") + "/runs/toy"
+    env = {"TEST_S3_ENDPOINT": s3_server.endpoint_url, "AWS_ACCESS_KEY_ID": s3_server.access_key,
+           "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}
+    name = "z2-z2-bf16"
+    d = run(2, tmp_path / "up", env, steps=4, save_every=2, snap="4", keep_last=1, url=url, **CONFIGS[name])
+    assert [e for e in events(d) if e["kind"] == "done"][0]["upload_errors"] == 0
+    for k, v in env.items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    from waveforge import storage
+    from waveforge.config import StorageConfig
+
+    scfg = StorageConfig(endpoint_url=s3_server.endpoint_url)
+    assert storage.read_text(url + "/latest", scfg).strip() == "step-000000004"
+    assert storage.listdir(url, scfg) == ["latest", "step-000000004"]  # remote keep_last=1
+    # Lose the local checkpoints: resume=auto fetches the newest from object storage, exactly.
+    import shutil
+
+    shutil.rmtree(checkpoint.ckpt_root(d))
+    r = run(2, d, env, steps=5, save_every=5, url=url, keep_last=1, **CONFIGS[name])
+    resumes = [e for e in events(r) if e["kind"] == "resume"]
+    assert resumes and resumes[-1]["step"] == 4
+    assert_same_state(d / "snap-4.pt", d / "snap-resumed-4.pt")
+    # export straight from the URL
+    out = checkpoint.export(url, tmp_path / "exp", storage=scfg)
+    assert json.loads((out / "model_config.json").read_text())["step"] == 5
+    # an incomplete remote checkpoint (manifest missing) is refused with a clear error
+    storage.remove(url + "/step-000000005/manifest.json", scfg)
+    with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
+        checkpoint.find_resume(tmp_path / "z", url + "/step-000000005", storage=scfg)
+
+
+_CONFTEST = ROOT / "tests" / "conftest.py"
+if not _CONFTEST.is_file() or "def s3_server" not in _CONFTEST.read_text():
+    @pytest.fixture(scope="module")
+    def s3_server(tmp_path_factory: pytest.TempPathFactory):
+        """A private SeaweedFS (`weed mini`) on free 127.0.0.1 ports, stopped by its PID."""
+        import types
+        import urllib.request
+
+        import boto3
+
+        state = tmp_path_factory.mktemp("weed")
+        key, secret = "WFTESTKEY", "wf-test-secret-0123456789"
+        (state / "s3.json").write_text(json.dumps({"identities": [{
+            "name": "admin", "credentials": [{"accessKey": key, "secretKey": secret}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        ports = {}
+        for name in ("s3", "master", "volume", "filer", "admin"):
+            while True:
+                p = _free_port()
+                if p + 10000 < 65536 and p not in ports.values():
+                    ports[name] = p
+                    break
+        weed = Path(sys.executable).parent / "weed"
+        log = open(state / "weed.log", "w")
+        proc = subprocess.Popen(
+            [str(weed), "mini", f"-dir={state / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-s3.config={state / 's3.json'}", f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
+             f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
+             f"-filer.localSocket={state / 'filer.sock'}", f"-s3.localSocket={state / 's3.sock'}",
+             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+             "-master.telemetry=false"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        (state / "data").mkdir(exist_ok=True)
+        endpoint = f"http://127.0.0.1:{ports['s3']}"
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                time.sleep(0.1)
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+                              region_name="us-east-1")
+
+        def make_bucket(name: str) -> str:
+            client.create_bucket(Bucket=name)
+            return f"s3://{name}"
+
+        yield types.SimpleNamespace(endpoint_url=endpoint, access_key=key, secret_key=secret,
+                                    storage_options={"key": key, "secret": secret,
+                                                     "client_kwargs": {"endpoint_url": endpoint}},
+                                    make_bucket=make_bucket)
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -145,6 +145,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes importing torch + clean-fid: ~15-25 s on 2 loaded cores
 def test_two_ranks_equal_one_rank(tmp_path):
     (tmp_path / "manifest.json").write_text('{"shards": ["a.tar"]}')
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import urllib.error
@@ -390,9 +391,12 @@ def metrics(real: Stats, fake: Stats, kid: bool = True, kid_subsets: int = 100, 
 
 
 def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar on rank 0; in a log file (no terminal) at most one line a minute."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled or dist.rank() != 0, unit="img", dynamic_ncols=True)
+    tty = sys.stderr.isatty()
+    return tqdm(total=total or None, desc=desc, disable=not enabled or dist.rank() != 0, unit="img",
+                dynamic_ncols=tty, mininterval=0.5 if tty else 60.0)
 
 
 def generate_features(generate: Callable[[list[int]], torch.Tensor], num_samples: int, extractor: FeatureExtractor,

@@ -252,6 +252,40 @@ def test_evaluate_generator_against_a_shard_dataset(tmp_path, capsys, monkeypatc
     assert evaluate.fid_from_stats(direct.reduce(), fake) == pytest.approx(first["fid"], rel=1e-6)
 
 
+def test_run_job_evaluates_an_exported_generator_and_folders(tmp_path, monkeypatch):
+    """The evaluate job: an export folder's EMA generator against data.url, and two image folders."""
+    import json
+
+    import safetensors.torch
+    from waveforge import data, models
+
+    data.make_shards("synthetic", str(tmp_path / "shards"), 32, num_samples=24, workers=1, progress=False)
+    cfg = config.load("tiny", {"data.url": str(tmp_path / "shards"), "eval.num_samples": 12, "eval.batch_size": 6,
+                               "eval.feature_extractor": SPEC, "eval.kid_subsets": 5, "eval.kid_subset_size": 10})
+    torch.manual_seed(0)
+    G = models.build_generator(cfg.model, cfg.diffusion).eval()
+    export = tmp_path / "export"
+    export.mkdir()
+    safetensors.torch.save_model(G, str(export / evaluate.GENERATOR_FILE))
+    (export / "model_config.json").write_text(json.dumps({
+        "model": config.to_dict(cfg)["model"], "diffusion": config.to_dict(cfg)["diffusion"], "step": 7}))
+    monkeypatch.setattr(evaluate, "_REFERENCES", {})
+
+    result = evaluate.run_job(cfg, checkpoint=str(export), out=str(tmp_path / "fid.json"))
+    assert result["step"] == 7 and result["num_samples"] == 12 and result["fid"] > 0 and "kid" in result
+    assert json.loads((tmp_path / "fid.json").read_text())["fid"] == result["fid"]
+    direct = evaluate.evaluate_generator(cfg, evaluate.generator_fn(G, cfg, CPU), device=CPU, progress=False)
+    assert direct["fid"] == pytest.approx(result["fid"], rel=1e-9)  # the same images as the trainer's eval
+
+    real, fake = _write_folder(tmp_path / "r", 12, 32, 0, 0), _write_folder(tmp_path / "f", 12, 32, 30, 1)
+    folders = evaluate.run_job(cfg, real=str(real), fake=str(fake))
+    assert folders["fid"] == pytest.approx(evaluate.fid_folders(real, fake, cfg.eval, CPU, progress=False)["fid"])
+    with pytest.raises(config.ConfigError, match="nothing to evaluate"):
+        evaluate.run_job(cfg)
+    with pytest.raises(config.ConfigError, match="cannot load a generator"):
+        evaluate.run_job(cfg, checkpoint=str(tmp_path / "no-such-run"))
+
+
 def test_reference_stats_in_object_storage_url(tmp_path):
     """Any fsspec URL works for the manifest and the cache (memory:// stands in for s3://)."""
     import fsspec

@@ -46,7 +46,7 @@ from PIL import Image
 
 from waveforge import dist
 from waveforge import storage as wf_storage
-from waveforge.config import EvalConfig, Recipe, StorageConfig
+from waveforge.config import ConfigError, EvalConfig, Recipe, StorageConfig
 
 # Where clean-fid itself looks for / downloads the weights (cleanfid.features.feature_extractor: "/tmp" on
 # Linux; torch hub's checkpoints folder for legacy_pytorch).
@@ -602,6 +602,103 @@ def evaluate_generator(cfg: Recipe, generate: Callable[[list[int]], torch.Tensor
                              kid=ecfg.kid, progress=progress).reduce()
     return metrics(_REFERENCES[ref_key], fake, kid=ecfg.kid, kid_subsets=ecfg.kid_subsets,
                    kid_subset_size=ecfg.kid_subset_size, device=extractor.device)
+
+
+GENERATOR_FILE = "generator_ema.safetensors"  # checkpoint.export's output, with model_config.json
+
+
+def load_generator(source: str, storage: StorageConfig | None = None, device: torch.device | str = "cpu"
+                   ) -> tuple[torch.nn.Module, Recipe, dict[str, Any]]:
+    """The EMA generator of `source` (collective): an export folder (generator_ema.safetensors +
+    model_config.json), or a checkpoint / run / checkpoints folder or URL (exported first by rank 0).
+
+    Returns (G in eval mode on `device`, a Recipe with the checkpoint's model and diffusion sections, the
+    export's metadata: step, images, source).
+    """
+    import safetensors.torch
+
+    from waveforge import checkpoint, config, models
+
+    folder, error, tmp = "", "", ""
+    if dist.rank() == 0:
+        try:
+            local = Path(source.removeprefix("file://")).expanduser()
+            if (local / GENERATOR_FILE).is_file():
+                folder = str(local)
+            else:
+                tmp = tempfile.mkdtemp(prefix="waveforge-eval-")
+                folder = str(checkpoint.export(source, Path(tmp), storage=storage))
+        except (OSError, RuntimeError, ValueError) as e:
+            error = f"cannot load a generator from {source!r}: {e}"
+    folder, error = dist.broadcast_object((folder, error))
+    if error:
+        raise ConfigError(error)
+    meta = json.loads(Path(folder, "model_config.json").read_text())
+    run_cfg = config.from_dict({"model": meta["model"], "diffusion": meta["diffusion"]})
+    G = models.build_generator(run_cfg.model, run_cfg.diffusion)
+    missing, unexpected = safetensors.torch.load_model(G, str(Path(folder, GENERATOR_FILE)), strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{folder}/{GENERATOR_FILE} does not fit the generator of its model_config.json: "
+                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    dist.barrier()
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+    info = {k: meta.get(k) for k in ("step", "images", "source", "recipe")}
+    return G.to(device).eval().requires_grad_(False), run_cfg, info
+
+
+def generator_fn(G: torch.nn.Module, run_cfg: Recipe, device: torch.device | str
+                 ) -> Callable[[list[int]], torch.Tensor]:
+    """seeds -> uint8 (B,3,R,R) images of G (sample i from seed i), as the trainer's evaluation makes them."""
+    from waveforge import diffusion, wavelet
+
+    m = run_cfg.model
+    sched = diffusion.make_schedule(run_cfg.diffusion, device)
+    shape = (4 * m.channels, m.resolution // 2, m.resolution // 2)
+
+    @torch.no_grad()
+    def generate(seeds: list[int]) -> torch.Tensor:
+        img = wavelet.from_wavelet(diffusion.sample_from_seeds(G, sched, seeds, shape, m.nz, device).float())
+        return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+    return generate
+
+
+def run_job(cfg: Recipe, checkpoint: str = "", real: str = "", fake: str = "", out: str = "") -> dict[str, Any]:
+    """The evaluate job, on every rank (initialises torch.distributed itself when launched with > 1 rank).
+
+    real= and fake= (image folders): FID/KID between them (clean-fid's compute_fid(real, fake)).
+    checkpoint= (export folder, checkpoint / run folder or URL): its EMA generator's eval.num_samples images
+        against the reference statistics of data.url (the recipe's eval and data sections; the model and
+        diffusion sections come from the checkpoint).
+    out=: also write the result as JSON there (a path or URL; rank 0). Returns the result on every rank.
+    """
+    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1 and not dist.is_initialized():
+        from waveforge import launch
+
+        device = launch.init_distributed(cfg.dist.backend)
+    else:
+        device = dist.device()
+    t0 = time.time()
+    if real or fake:
+        if not (real and fake) or checkpoint:
+            raise ConfigError("give real= and fake= (two image folders), or checkpoint= alone")
+        result: dict[str, Any] = dict(fid_folders(real, fake, cfg.eval, device))
+        result.update(real=real, fake=fake)
+    elif checkpoint:
+        G, run_cfg, info = load_generator(checkpoint, cfg.storage, device)
+        run_cfg.data, run_cfg.eval, run_cfg.storage = cfg.data, cfg.eval, cfg.storage
+        result = dict(evaluate_generator(run_cfg, generator_fn(G, run_cfg, device), device=device))
+        result.update(checkpoint=checkpoint, **{k: v for k, v in info.items() if v is not None})
+        result.update(num_samples=cfg.eval.num_samples, data=cfg.data.url)
+    else:
+        raise ConfigError("nothing to evaluate: give checkpoint=PATH|URL, or real=DIR fake=DIR")
+    result.update(mode=cfg.eval.mode, features=cfg.eval.feature_extractor or "inception_v3",
+                  seconds=round(time.time() - t0, 1))
+    if out and dist.rank() == 0:
+        wf_storage.write_bytes(out, (json.dumps(result, indent=1) + "\n").encode(), cfg.storage)
+    dist.print0("evaluation: " + json.dumps(result))
+    return result
 
 
 # --------------------------------------------------------------------------------------------------

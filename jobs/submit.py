@@ -34,7 +34,7 @@ def main() -> None:
     from waveforge import config, launch
 
     cfg = args.cfg
-    job = str(args.job.pop("job", "train"))
+    job = str(args.job.get("job", "train"))
     if job not in launch.JOBS:
         cli.fail(f"job={job!r} is not valid: one of {', '.join(launch.JOBS)}")
     config.check_resources(cfg, config.world_size(cfg))
@@ -44,7 +44,10 @@ def main() -> None:
         print("# resolved recipe\n" + config.to_yaml(cfg))
         print(f"# backend: {backend}; run folder: {run_dir}\n# sbatch script\n{launch.sbatch_script(cfg, job)}")
         return
-    handle = launch.submit(cfg, job, args.job)
+    job_args = {k: v for k, v in args.job.items() if k != "job"}
+    if job == "evaluate" and "run" in job_args:
+        job_args["checkpoint"] = str(job_args.pop("run"))
+    handle = launch.submit(cfg, job, job_args)
     logs = launch.log_folder(run_dir)
     print(f"submitted {job} job {handle.job_id} ({backend})\nrun folder: {run_dir}\n"
           f"logs: {logs}/{handle.job_id}_<task>_log.out (rank 0: {handle.paths.stdout})", flush=True)

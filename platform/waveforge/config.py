@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -540,16 +541,30 @@ def world_size(cfg: Recipe) -> int:
     return c.nodes * (c.tasks_per_node or c.gpus_per_node)
 
 
+MAX_DATA_STREAMS = 64
+
+
+def data_streams(global_batch: int) -> int:
+    """The data loader's virtual streams for a global batch: gcd(batch, 64); the rank count must divide it
+    (each rank serves whole streams, which makes the batch sequence independent of the rank count)."""
+    return math.gcd(int(global_batch), MAX_DATA_STREAMS)
+
+
 def check_resources(cfg: Recipe, world: int | None = None) -> int:
     """Validate the recipe against `world` ranks; return gradient-accumulation steps. ConfigError if not."""
     world = world or world_size(cfg)
     b = cfg.train.batch_size
     acc = cfg.dist.grad_accum or 1
+    fits = [w for w in range(1, data_streams(b) + 1) if data_streams(b) % w == 0 and b % (w * acc) == 0]
     if b % (world * acc):
-        fits = [w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b % (w * acc) == 0]
         raise ConfigError(
             f"train.batch_size={b} is not divisible by ranks x grad_accum = {world} x {acc}: the global batch "
             f"must split evenly (rank counts that fit: {fits}; or change train.batch_size / dist.grad_accum)")
+    if data_streams(b) % world:
+        raise ConfigError(
+            f"{world} ranks cannot share train.batch_size={b}: the data loader splits it into {data_streams(b)} "
+            f"streams (gcd(batch, {MAX_DATA_STREAMS})) and each rank serves whole streams; rank counts that fit: "
+            f"{fits}, or use a global batch with more factors of two")
     return acc
 
 

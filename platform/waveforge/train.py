@@ -14,6 +14,7 @@ run is a function of its recipe and seed, and a resumed run continues exactly.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import resource
@@ -144,7 +145,7 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
     if cfg.dist.activation_checkpointing:
         G.set_activation_checkpointing(True)
     ema = copy.deepcopy(G).eval().requires_grad_(False).to(device)
-    sched = diffusion.make_schedule(cfg.diffusion).to(device)
+    sched = diffusion.make_schedule(cfg.diffusion, device)
 
     # Resume plan first: a checkpoint from another world size needs DeepSpeed's universal format.
     ckpt = checkpoint.find_resume(run_dir, cfg.run.resume, url=cfg.checkpoint.url, storage=cfg.storage)
@@ -187,7 +188,8 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
     if rank == 0 and ckpt is None:
         tracker.log_artifact(run_dir / "recipe.yaml")
 
-    uploader = checkpoint.Uploader(cfg.checkpoint.url, cfg.storage) if cfg.checkpoint.url and rank == 0 else None
+    uploader = (checkpoint.Uploader(cfg.checkpoint.url, cfg.storage, keep_last=cfg.checkpoint.keep_last)
+                if cfg.checkpoint.url and rank == 0 else None)
     zero3 = cfg.dist.zero_stage_g == 3
 
     def gen(x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -288,6 +290,8 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
                 })
                 if rank == 0:
                     tracker.log_metrics(metrics, step=step)
+                    with open(run_dir / "metrics.jsonl", "a") as f:  # a local copy, readable without MLflow
+                        f.write(json.dumps({"step": step, **metrics}) + "\n")
                 dist.print0(f"step {step:>7d}  img {images:>10d}  " + "  ".join(
                     f"{k} {metrics[k]:.4g}" for k in ("loss_d", "loss_g", "r1", "images_per_s") if k in metrics))
                 acc.clear()

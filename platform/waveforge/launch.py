@@ -96,7 +96,7 @@ class StopFlag:
     """Set by USR2 (submitit/Slurm preemption or time limit), SIGTERM or SIGINT; read at step boundaries."""
 
     def __init__(self) -> None:
-        self.signal: int | None = None
+        self.signals: set[int] = set()  # every signal received (Slurm preemption: SIGTERM, then USR2)
         self._previous: dict[int, object] = {}
 
     def install(self) -> StopFlag:
@@ -106,7 +106,7 @@ class StopFlag:
         return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signal = signum
+        self.signals.add(signum)
         print(f"[rank {dist.rank()}] received {signal.Signals(signum).name}: stopping at the next step boundary "
               "with a checkpoint", flush=True)
 
@@ -117,7 +117,7 @@ class StopFlag:
 
     @property
     def requested(self) -> bool:
-        return self.signal is not None
+        return bool(self.signals)
 
 
 def code_version() -> str:
@@ -221,12 +221,13 @@ class Task:
             stop = StopFlag().install()  # replaces submitit's USR2 handler: no requeue from a signal handler
             try:
                 status = train.training_loop(self.cfg, device=device, stop=stop)
-                preempted = dist.any_rank(stop.signal == signal.SIGUSR2)
+                preempted = dist.any_rank(signal.SIGUSR2 in stop.signals)
             finally:
                 stop.uninstall()
-            if status == "stopped" and preempted:
-                _requeue(self.cfg)
+            requeued = status == "stopped" and preempted and _requeue(self.cfg)
             shutdown()
+            if requeued:  # as submitit does after its own requeue: exit without a result, Slurm restarts us
+                raise SystemExit(-1)
             return status
         if self.job == "evaluate":
             from waveforge import evaluate
@@ -239,10 +240,12 @@ class Task:
         raise ValueError(f"unknown job {self.job!r}: one of {', '.join(JOBS)}")
 
 
-def _requeue(cfg: Any) -> None:
-    """Rank 0 requeues this Slurm job (after every rank has saved), at most cluster.max_requeue times."""
+def _requeue(cfg: Any) -> bool:
+    """Rank 0 requeues this Slurm job (after every rank has saved), at most cluster.max_requeue times.
+    Returns on every rank whether the job was requeued."""
     import json
 
+    requeued = False
     if dist.rank() == 0:
         job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
         count_file = Path(cfg.run.dir) / "requeues.json"
@@ -255,8 +258,11 @@ def _requeue(cfg: Any) -> None:
         else:
             count_file.write_text(json.dumps({"count": count + 1}))
             print(f"requeueing Slurm job {job_id} (requeue {count + 1}/{cfg.cluster.max_requeue})", flush=True)
-            subprocess.run(["scontrol", "requeue", job_id], check=False, timeout=60)
-    dist.barrier()
+            r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+            requeued = r.returncode == 0
+            if not requeued:
+                print(f"scontrol requeue {job_id} failed: {r.stderr.strip()}", flush=True)
+    return bool(dist.broadcast_object(requeued))
 
 
 def submit(cfg: Any, job: str = "train", job_args: dict[str, Any] | None = None) -> Any:

@@ -31,13 +31,15 @@ FLAGS = {
 
 def main() -> None:
     args = cli.parse(sys.argv[1:], "submit", __doc__, job_keys=JOB_KEYS, flags=FLAGS)
-    from waveforge import config, launch
+    from waveforge import config
 
     cfg = args.cfg
     job = str(args.job.get("job", "train"))
-    if job not in launch.JOBS:
-        cli.fail(f"job={job!r} is not valid: one of {', '.join(launch.JOBS)}")
-    config.check_resources(cfg, config.world_size(cfg))
+    if job not in ("train", "evaluate", "sample"):
+        cli.fail(f"job={job!r} is not valid: one of train, evaluate, sample")
+    config.check_resources(cfg, config.world_size(cfg))  # before anything heavy is imported
+    from waveforge import launch
+
     backend = launch.backend_of(cfg.cluster.backend)
     run_dir = launch.run_folder(cfg)
     if "--dry-run" in args.flags:

@@ -1,0 +1,173 @@
+"""jobs/submit.py: the sbatch script, validation before submission, and (against the real local Slurm
+from infra/) preemption -> collective checkpoint -> requeue -> resume, and requeue without a signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from waveforge import config, data, launch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def submit_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "jobs/submit.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_dry_run_ffhq1024_on_8_nodes(tmp_path: Path) -> None:
+    r = submit_cli("recipe=ffhq1024", "nodes=8", "partition=a100", "time=48:00:00", f"run.dir={tmp_path / 'run'}",
+                   "--dry-run")
+    assert r.returncode == 0, r.stderr
+    script = r.stdout.split("# sbatch script", 1)[1]
+    for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-task=1",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --partition=a100", "#SBATCH --time=2880",
+                 "#SBATCH --requeue", "#SBATCH --open-mode=append"):
+        assert line in script, line
+    assert "srun" in script and "submitit" in script
+    assert not (tmp_path / "run").exists(), "a dry run must write nothing"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("nodes=0", "cluster.nodes=0"),
+    ("tasks_per_node=3", "not divisible"),
+    ("batch=48", "streams"),  # 48 splits over 3 ranks, but not its gcd(48, 64) = 16 data streams
+    ("time=forever", "cluster.time"),
+    ("job=train2", "job='train2'"),
+])
+def test_invalid_resources_exit_2_before_submitting(bad: str, message: str, tmp_path: Path) -> None:
+    extra = ["tasks_per_node=3"] if bad == "batch=48" else []
+    r = submit_cli("recipe=tiny", f"run.dir={tmp_path / 'run'}", *extra, bad)
+    assert r.returncode == 2, (bad, r.stdout, r.stderr)
+    assert message in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Against the real Slurm cluster (two fake nodes) with shards in the real SeaweedFS
+# --------------------------------------------------------------------------------------------------
+
+
+def _wait(predicate, timeout: float, what: str, job_id: str = "") -> None:  # noqa: ANN001
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return
+        time.sleep(1)
+    state = subprocess.run(["squeue", "-j", job_id], capture_output=True, text=True).stdout if job_id else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{state}")
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    out = {}
+    for engine in ("G", "D"):
+        for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=engine).items():
+            out[f"{engine}.{k}"] = v
+    from safetensors.torch import load_file
+
+    out.update({f"ema.{k}": v for k, v in load_file(str(ckpt / "ema.safetensors")).items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3_shards(s3_server) -> str:  # noqa: ANN001
+    url = s3_server.make_bucket("submit-data") + "/tiny32"
+    scfg = config.StorageConfig(endpoint_url=s3_server.endpoint_url, access_key=s3_server.access_key,
+                                secret_key=s3_server.secret_key)
+    data.make_shards("synthetic", url, 32, num_samples=512, samples_per_shard=8, storage_cfg=scfg, progress=False)
+    return url
+
+
+def _job_env(s3_server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """What the Slurm job inherits from the submitting environment (sbatch exports it)."""
+    for k, v in {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+                 "AWS_ENDPOINT_URL": s3_server.endpoint_url, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+                 "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                        str(Path.home() / ".cache/waveforge/torch_extensions"))
+                 }.items():
+        monkeypatch.setenv(k, v)
+
+
+def _recipe(run_dir: Path, shards: str, endpoint: str, steps: int, *extra: str) -> config.Recipe:
+    return config.load("tiny", [f"run.dir={run_dir}", f"data.url={shards}", f"storage.endpoint_url={endpoint}",
+                                "cluster=slurm", "nodes=2", "tasks_per_node=1", "cpus_per_task=1", "time=60",
+                                f"train.max_steps={steps}", "train.log_every_images=16", "eval.every_images=0",
+                                "data.num_workers=0", "checkpoint.every_images=64", "tracking.enabled=true", *extra])
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_preemption_checkpoints_requeues_and_matches_uninterrupted(slurm_two_nodes, s3_server, s3_shards,  # noqa: ANN001
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    _job_env(s3_server, monkeypatch)
+    steps = 24
+    # The uninterrupted reference: the same recipe on 2 ranks in one submission that is never signalled.
+    ref_cfg = _recipe(tmp_path / "straight", s3_shards, s3_server.endpoint_url, steps)
+    ref = launch.submit(ref_cfg)
+    cfg = _recipe(tmp_path / "preempted", s3_shards, s3_server.endpoint_url, steps)
+    job = launch.submit(cfg)
+    run_dir = Path(cfg.run.dir)
+    _wait(lambda: len(_rows(run_dir)) >= 3, 600, "the job to log 3 intervals", job.job_id)
+    job._interrupt()  # what Slurm does on preemption: SIGTERM, then USR2 to every task
+    _wait(lambda: (run_dir / "requeues.json").exists(), 300, "the requeue", job.job_id)
+    _wait(lambda: job.paths.result_pickle.exists(), 900, "the requeued job to finish", job.job_id)
+    assert job.result() == "finished"
+    _wait(lambda: ref.paths.result_pickle.exists(), 900, "the uninterrupted job", ref.job_id)
+    assert ref.result() == "finished"
+
+    text = job.paths.stdout.read_text()
+    assert "stopping at the next step boundary" in text and "stopped at step" in text
+    assert "requeueing Slurm job" in text and "resumed from" in text
+    stopped_at = int(text.split("stopped at step ")[1].split()[0])
+    assert f"at step {stopped_at} " in text.split("resumed from", 1)[1], "resumed from another step than the stop"
+    # both ranks wrote their shards of the stop checkpoint (ZeRO partitions + RNG)
+    manifest = json.loads((run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+                           / "manifest.json").read_text())
+    files = json.dumps(manifest)
+    assert "zero_pp_rank_0" in files and "zero_pp_rank_1" in files
+    # the requeued run continued the same MLflow run and reached the same weights as the straight run
+    assert json.loads((run_dir / "tracking.json").read_text())["run_id"]
+    a, b = _weights(run_dir), _weights(tmp_path / "straight")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps_logged = [r["step"] for r in _rows(run_dir)]
+    assert steps_logged[-1] == steps
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_requeue_without_signal_resumes_from_latest_checkpoint(slurm_cluster, s3_server, s3_shards,  # noqa: ANN001
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _job_env(s3_server, monkeypatch)
+    cfg = _recipe(tmp_path / "requeued", s3_shards, s3_server.endpoint_url, 20, "nodes=1", "tasks_per_node=2")
+    job = launch.submit(cfg)
+    run_dir = Path(cfg.run.dir)
+    ckpts = run_dir / "checkpoints"
+    _wait(lambda: (ckpts / "latest").exists() and len(_rows(run_dir)) >= 5, 600, "a checkpoint", job.job_id)
+    last_logged = max(r["step"] for r in _rows(run_dir))
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=60)  # like a node failure
+    _wait(lambda: job.paths.result_pickle.exists(), 900, "the requeued job to finish", job.job_id)
+    assert job.result() == "finished"
+    text = job.paths.stdout.read_text()
+    resumed = int(text.split("resumed from")[1].split("at step ")[1].split()[0])
+    every = cfg.checkpoint.every_images // cfg.train.batch_size
+    assert resumed >= last_logged - every, f"resumed at {resumed}, killed after {last_logged}: lost > {every} steps"
+    assert _rows(run_dir)[-1]["step"] == 20

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from waveforge import config
 from waveforge.config import ConfigError
 

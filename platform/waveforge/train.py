@@ -175,7 +175,14 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
             raise config.ConfigError(f"resuming {ckpt} with a recipe that changes training: {'; '.join(changed)}. "
                                      "Start a new run (another run.dir) or pass resume=never.")
         loader.load_state_dict(state["loader"])
-        dist.print0(f"resumed from {ckpt} at step {state['step']} ({state['images']} images)")
+        # Integrity: the loaded weights must be the saved ones (also after resharding to another world size).
+        loaded = weights_checksum(engines, cfg.dist.zero_stage_g, cfg.dist.zero_stage_d)
+        saved_sum = state.get("weights_checksum")
+        if saved_sum is not None and abs(loaded - saved_sum) > 1e-12 * max(1.0, abs(saved_sum)):
+            raise RuntimeError(f"checkpoint {ckpt} loaded different weights than it saved "
+                               f"(checksum {loaded!r} != {saved_sum!r}); refusing to train on them")
+        dist.print0(f"resumed from {ckpt} at step {state['step']} ({state['images']} images; "
+                    f"saved at world size {state.get('world', '?')}, now {world}; weights checksum verified)")
     step, images = int(state["step"]), int(state["images"])
 
     tags = {"git_commit": launch.code_version(), "waveforge_version": _version(), "world_size": str(world),
@@ -203,7 +210,8 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
             return gen(x, t, z)
 
     def save(reason: str) -> Path:
-        st = {"step": step, "images": images, "loader": loader.state_dict(), "run_id": run_id,
+        st = {"step": step, "images": images, "loader": loader.state_dict(), "run_id": run_id, "world": world,
+              "weights_checksum": weights_checksum(engines, cfg.dist.zero_stage_g, cfg.dist.zero_stage_d),
               "recipe": config.to_dict(cfg), "code_version": launch.code_version(), "reason": reason}
         path = checkpoint.save(run_dir, step, engines, ema, st, keep_last=cfg.checkpoint.keep_last,
                                milestone_every_images=cfg.checkpoint.milestone_every_images,
@@ -326,6 +334,18 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
 # --------------------------------------------------------------------------------------------------
 # Helpers of the loop
 # --------------------------------------------------------------------------------------------------
+
+
+def weights_checksum(engines: dict[str, Any], zero_stage_g: int, zero_stage_d: int) -> float:
+    """float64 sum of every G and D parameter (gathered from ZeRO-3 shards): identical on every rank."""
+    import deepspeed
+
+    total = 0.0
+    for engine, stage in ((engines["G"], zero_stage_g), (engines["D"], zero_stage_d)):
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params) if stage == 3 else nullcontext():
+            total += float(sum(p.detach().double().sum() for p in params))
+    return total
 
 
 def _version() -> str:

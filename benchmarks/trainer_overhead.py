@@ -1,0 +1,103 @@
+"""DeepSpeed overhead of the real trainer vs a plain PyTorch training step, measured in the same run.
+
+    python benchmarks/trainer_overhead.py [recipe=celebahq256] [batch=2] [steps=4] [zero=1] [threads=2]
+
+Both sides run one full iteration (D step with R1 on every step, G step, EMA) of the same models at the
+same global batch on this machine's CPU: "plain" with torch.optim.Adam in one process, "trainer" through
+`waveforge.train.training_loop` (two DeepSpeed engines, one rank, gloo) on synthetic shards. The first
+iteration of each is warm-up and not counted; the trainer's time excludes its data wait (reported apart).
+Prints seconds per iteration, images/s and the overhead ratio (target: trainer / plain < 1.10).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from waveforge import cli, config, data, diffusion, launch, models, train, wavelet
+
+JOB_KEYS = {"batch": "global batch (default 2)", "steps": "timed iterations (default 4)",
+            "zero": "ZeRO stage of both engines (default 1)", "threads": "torch threads (default 2)"}
+
+
+def plain_steps(cfg: config.Recipe, images: torch.Tensor, steps: int) -> list[float]:
+    torch.manual_seed(cfg.run.seed)
+    G = models.build_generator(cfg.model, cfg.diffusion)
+    D = models.build_discriminator(cfg.model, cfg.diffusion)
+    ema = models.build_generator(cfg.model, cfg.diffusion).requires_grad_(False)
+    sched = diffusion.make_schedule(cfg.diffusion)
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.train.lr_g, betas=betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.train.lr_d, betas=betas)
+    x0 = wavelet.to_wavelet(images)
+    n = x0.shape[0]
+
+    def frozen(*a: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return G(*a)
+
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        D.requires_grad_(True)
+        t, z = torch.randint(0, cfg.diffusion.num_timesteps, (n,)), torch.randn(n, cfg.model.nz)
+        loss, _ = diffusion.d_loss(frozen, D, sched, x0, t, z, r1_gamma=cfg.train.r1_gamma, do_r1=True)
+        opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_d.step()
+        D.requires_grad_(False)
+        t, z = torch.randint(0, cfg.diffusion.num_timesteps, (n,)), torch.randn(n, cfg.model.nz)
+        loss, _ = diffusion.g_loss(G, D, sched, x0, t, z, rec_weight=cfg.train.rec_weight)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        diffusion.ema_update(ema, G, cfg.train.ema_decay)
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def main() -> None:
+    args = cli.parse(sys.argv[1:], "trainer_overhead", __doc__, job_keys=JOB_KEYS, default_recipe="celebahq256")
+    j = args.job
+    batch, steps, zero = int(j.get("batch", 2)), int(j.get("steps", 4)), int(j.get("zero", 1))
+    torch.set_num_threads(int(j.get("threads", 2)))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    work = Path(tempfile.mkdtemp(prefix="wf-overhead-"))
+    res = args.cfg.model.resolution
+    shards = work / "shards"
+    data.make_shards("synthetic", str(shards), res, num_samples=64, samples_per_shard=1, progress=False)
+    cfg = config.load(args.cfg.recipe, [*args.overrides, f"run.dir={work / 'run'}", f"data.url={shards}",
+                                        f"train.batch_size={batch}", f"train.max_steps={steps + 1}",
+                                        f"dist.zero_stage_g={zero}", f"dist.zero_stage_d={zero}",
+                                        "dist.precision=fp32", "train.lazy_reg=1", "train.log_every_images=1",
+                                        "tracking.enabled=false", "eval.every_images=0", "checkpoint.every_images=0",
+                                        "data.num_workers=1", "dist.activation_checkpointing=false"])
+    loader = data.ShardLoader(str(shards), global_batch=batch, rank=0, world=1, seed=0)
+    images = loader.next_step()[0]["image"]
+    loader.close()
+
+    plain = plain_steps(cfg, images, steps)
+    device = launch.init_distributed("gloo")
+    train.training_loop(cfg, device=device, stop=launch.StopFlag())
+    rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    ds = [r["s_per_step_fwd_bwd"] + r["s_per_step_optim"] for r in rows]
+    wait = [r["s_per_step_data"] for r in rows]
+    p, d = statistics.median(plain), statistics.median(ds)
+    print(f"{cfg.recipe} {res}px, global batch {batch}, ZeRO-{zero} fp32, {torch.get_num_threads()} threads, "
+          f"median of {steps} iterations (D+R1, G, EMA):")
+    print(f"  plain PyTorch   {p:8.3f} s/iteration  {batch / p:7.3f} images/s")
+    print(f"  trainer (DS)    {d:8.3f} s/iteration  {batch / d:7.3f} images/s"
+          f"  (+ data wait {statistics.median(wait):.3f} s)")
+    print(f"  overhead ratio  {d / p:8.3f}  (target < 1.10)")
+    launch.shutdown()
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

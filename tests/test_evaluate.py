@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from cleanfid import fid as cleanfid
 from PIL import Image
+
 from waveforge import config, evaluate
 from waveforge.config import EvalConfig
 
@@ -214,8 +215,12 @@ def test_reference_stats_are_computed_once_and_keyed_by_the_manifest(tmp_path, c
     assert calls == [1, 1] and again.cached
     np.testing.assert_array_equal(again.features, with_feats.features)
 
-    # another resolution, extractor or sample count is another key
-    assert not ref(resolution=32).cached
+    # another resolution, extractor or sample count is another key (and the images must have that size)
+    with pytest.raises(ValueError, match="images are 24x24 px but the generator makes 32x32"):
+        ref(resolution=32)
+    assert not evaluate.reference_stats(str(manifest), lambda: iter([images.repeat(1, 1, 2, 2)]), ext,
+                                        resolution=48, progress=False, num_samples=40).cached
+    assert not ref(num_samples=39).cached
     assert not evaluate.reference_stats(str(manifest), iterate, extractor(spec="feature_extractors:random_conv16"),
                                         resolution=24, num_samples=40, progress=False).cached
     n_calls = len(calls)
@@ -257,6 +262,7 @@ def test_run_job_evaluates_an_exported_generator_and_folders(tmp_path, monkeypat
     import json
 
     import safetensors.torch
+
     from waveforge import data, models
 
     data.make_shards("synthetic", str(tmp_path / "shards"), 32, num_samples=24, workers=1, progress=False)

@@ -13,6 +13,15 @@ second all-reduce (N=10k: 82 MB, N=50k: 410 MB per rank at D=2048); FID alone ne
 
 Offline clusters: clean-fid downloads the Inception weights at first use (see `inception_help`); set
 `eval.inception_path` to a copy of the file instead.
+
+    extractor = load_feature_extractor(cfg.eval, device)               # clean-fid Inception or module:callable
+    fake = generate_features(generate, n, extractor, batch_size, kid=True).reduce()     # COLLECTIVE -> Stats
+    real = reference_stats(manifest_url, iterate, extractor, resolution, ...)           # COLLECTIVE, cached
+    metrics(real, fake, kid=True)                                       # {"fid", "kid"} on every rank
+    evaluate_generator(cfg, generate)          # all of the above for a recipe (the trainer's periodic eval)
+    fid_folders(real_dir, fake_dir, cfg.eval)  # two image folders, like cleanfid.fid.compute_fid
+    run_job(cfg, checkpoint=... | real=..., fake=..., out=...)          # the evaluate job
+    make_grid(images, nrow), sampling_speed(generate_batch, batch_size, repeats)
 """
 
 from __future__ import annotations
@@ -479,13 +488,19 @@ def fid_folders(real_dir: str | os.PathLike, fake_dir: str | os.PathLike, ecfg: 
 
 
 def iterator_features(batches: Iterable[torch.Tensor], extractor: FeatureExtractor, kid: bool = False,
-                      progress: bool = True) -> FeatureStats:
-    """Features of uint8 (b,3,H,W) batches (this rank's share of a data set). Call `.reduce()`."""
+                      progress: bool = True, resolution: int = 0) -> FeatureStats:
+    """Features of uint8 (b,3,H,W) batches (this rank's share of a data set). Call `.reduce()`.
+
+    resolution: if set, every image must be resolution x resolution (the generator's size)."""
     stats = FeatureStats(keep_features=kid)
     with _progress(0, "features reference", progress) as bar:
         for images in batches:
             if images.dtype != torch.uint8 or images.ndim != 4:
                 raise ValueError(f"data batches must be uint8 (b,3,H,W), got {images.dtype} {tuple(images.shape)}")
+            if resolution and tuple(images.shape[-2:]) != (resolution, resolution):
+                raise ValueError(f"the data set's images are {images.shape[-2]}x{images.shape[-1]} px but the "
+                                 f"generator makes {resolution}x{resolution}: FID compares images at the same "
+                                 "resolution (make the shards at model.resolution)")
             stats.add(extractor(images))
             bar.update(images.shape[0] * dist.world())
     return stats
@@ -535,7 +550,7 @@ def reference_stats(manifest_url: str, iterate: Callable[[], Iterable[torch.Tens
     hit = False
     if dist.rank() == 0 and wf_storage.exists(json_url, storage) and wf_storage.exists(npz_url, storage):
         meta = json.loads(wf_storage.read_bytes(json_url, storage))
-        hit = meta.get("key") == key and (not kid or meta.get("features", False))
+        hit = meta.get("key") == key and (not kid or meta.get("has_features", False))
     if dist.broadcast_object(hit):
         with np.load(io.BytesIO(wf_storage.read_bytes(npz_url, storage))) as z:
             stats = Stats(count=int(z["count"]), mu=z["mu"], sigma=z["sigma"],
@@ -544,7 +559,7 @@ def reference_stats(manifest_url: str, iterate: Callable[[], Iterable[torch.Tens
         return stats
 
     t0 = time.time()
-    stats = iterator_features(iterate(), extractor, kid=kid, progress=progress).reduce()
+    stats = iterator_features(iterate(), extractor, kid=kid, progress=progress, resolution=resolution).reduce()
     if num_samples and stats.count < num_samples:
         dist.print0(f"reference statistics: the data set has {stats.count} images (< num_samples={num_samples})")
     if dist.rank() == 0:
@@ -554,7 +569,7 @@ def reference_stats(manifest_url: str, iterate: Callable[[], Iterable[torch.Tens
             arrays["features"] = stats.features
         np.savez(buf, **arrays)
         wf_storage.write_bytes(npz_url, buf.getvalue(), storage)
-        meta = {"key": key, "count": stats.count, "features": stats.features is not None,
+        meta = {"key": key, "count": stats.count, "has_features": stats.features is not None,
                 "manifest_url": manifest_url, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         wf_storage.write_bytes(json_url, json.dumps(meta, indent=1, sort_keys=True).encode(), storage)  # last
     dist.barrier()

@@ -1,0 +1,499 @@
+"""MLflow tracking for a run: called by the trainer, never calls back.
+
+Rank 0 holds a `Tracker`; every other rank (and `tracking.enabled=false`) a `NullTracker` with the same
+methods. `open_tracker(cfg, run_dir, run_id, tags, rank)` picks the right one.
+
+Where runs go (first that is set):
+  cfg.tracking.uri            e.g. http://127.0.0.1:5001 (infra/mlflow/start.sh)
+  MLFLOW_TRACKING_URI         the environment variable
+  embedded default            sqlite:///<run_dir.parent>/mlflow.db, artifacts in <run_dir.parent>/mlartifacts;
+                              browse with `mlflow ui --backend-store-uri sqlite:///<run_dir.parent>/mlflow.db`
+
+A new run logs the resolved recipe (secrets masked) as params once, and the tag recipe_hash. Continuing
+a run (`run_id`) never re-logs params; if the training fields differ from the stored ones it raises
+ConfigError naming them. Tags `slurm_job_id`/`slurm_job_ids` accumulate in `slurm_job_ids` (comma list).
+
+All MLflow I/O after `open` happens on one background thread that works through a bounded FIFO of
+records (metric batches, images, artifacts, tags): calls return at once and never block training. While
+the server is unreachable the thread keeps the records, retries with backoff and warns once per outage;
+`close` waits up to `timeout` seconds and then reports loudly how many metric values (and which other
+records) were not delivered, writing the undelivered metrics to <run_dir>/tracking-undelivered.jsonl.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from waveforge import config
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
+MAX_TAG_LEN = 8000  # ... on a tag value
+MAX_BATCH_METRICS = 1000  # ... metrics per log_batch call
+MAX_BATCH_PARAMS = 100  # ... params per log_batch call
+QUEUE_RECORDS = 10_000  # records waiting for the background thread before log_* starts dropping
+MAX_PENDING_VALUES = 200_000  # metric values kept through an outage before the oldest are dropped
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+# Errors that retrying cannot fix: the record is dropped (and counted) instead of retried forever.
+_PERMANENT = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE",
+              "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+
+
+def tracking_uri(cfg: config.Recipe, run_dir: Path) -> str:
+    """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else the embedded sqlite store beside the run folder."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(run_dir).resolve().parent}/mlflow.db"
+
+
+def read_run_id(run_dir: Path) -> str | None:
+    """The MLflow run id a previous `Tracker.open` wrote to <run_dir>/tracking.json (None if none)."""
+    path = Path(run_dir) / "tracking.json"
+    return json.loads(path.read_text())["run_id"] if path.is_file() else None
+
+
+def _param_value(v: Any) -> str:
+    return str(v)[:MAX_PARAM_LEN]
+
+
+def _tag_value(v: Any) -> str:
+    return str(v)[:MAX_TAG_LEN]
+
+
+def _merge_job_ids(old: str, new: list[str]) -> str:
+    ids = [x for x in old.split(",") if x]
+    for x in new:
+        for y in str(x).split(","):
+            if y and y not in ids:
+                ids.append(y)
+    return ",".join(ids)
+
+
+def _to_pil(image: Any) -> Any:
+    """PIL image or HWC (or HW) uint8 array -> an independent PIL image (the caller may reuse its buffer)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.copy()
+    if hasattr(image, "detach"):  # a torch tensor: expect HWC uint8 on any device
+        image = image.detach().cpu().numpy()
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"log_image: expected a PIL image or a uint8 HWC array, got dtype {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        raise ValueError(f"log_image: expected shape HxW, HxWx3 or HxWx4, got {arr.shape}")
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+@dataclass
+class _Record:
+    """One unit of work for the background thread: a metric batch or another MLflow call."""
+
+    label: str  # what it is, for the loss report
+    metrics: list[Any] | None = None  # mlflow.entities.Metric values, or
+    call: Callable[[], None] | None = None  # any other MLflow call
+
+
+_STOP = _Record(label="stop")
+
+
+class Tracker:
+    """The rank-0 MLflow run of a training run. Create with `Tracker.open`."""
+
+    def __init__(self, client: Any, run_id: str, uri: str, run_dir: Path, tags: dict[str, str],
+                 monitor: Any = None) -> None:
+        self._client = client
+        self._run_id = run_id
+        self.uri = uri
+        self.run_dir = Path(run_dir)
+        self._tags = dict(tags)  # the run's tags as we last set them (for slurm_job_ids merging)
+        self._monitor = monitor
+        self._queue: queue.Queue[_Record] = queue.Queue(maxsize=QUEUE_RECORDS)
+        self._pending: collections.deque[_Record] = collections.deque()
+        self._lock = threading.Lock()  # guards _pending and the counters below
+        self._dropped_values = 0  # metric values dropped (queue full, buffer overflow, permanent error)
+        self._dropped_other: list[str] = []  # other records dropped
+        self._full_warned = False
+        self._closing = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._worker, name="waveforge-tracking", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------------------------------------
+    # Opening a run
+    # ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, cfg: config.Recipe, run_dir: Path, run_id: str | None, tags: dict[str, str],
+             system_metrics: bool = False) -> Tracker:
+        """Create the MLflow run (run_id=None) or continue `run_id` (status back to RUNNING).
+
+        Raises config.ConfigError if a continued run was started with other training fields, and
+        mlflow's MlflowException if the tracking server cannot be reached now.
+        system_metrics: also log this node's CPU/memory/disk/network (and GPU with pynvml) every 10 s as
+        system/* metrics (needs psutil), with the host name as node id.
+        """
+        uri = tracking_uri(cfg, run_dir)
+        if uri.startswith(("http://", "https://")):
+            # Fail over to our own retry loop quickly instead of MLflow's default 7 retries x 120 s.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri=uri)
+        tags = {str(k): _tag_value(v) for k, v in tags.items()}
+        new_ids = [tags.pop(k) for k in ("slurm_job_id", "slurm_job_ids") if k in tags]
+        continued = run_id is not None
+        if not continued:
+            experiment = cfg.tracking.experiment or cfg.recipe or "waveforge"
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                location = None
+                if uri.startswith("sqlite:///") and not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+                    location = (run_dir.resolve().parent / "mlartifacts").as_uri()
+                try:
+                    exp_id = client.create_experiment(experiment, artifact_location=location)
+                except Exception:  # created meanwhile by another run
+                    exp = client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+                    exp_id = exp.experiment_id
+            else:
+                exp_id = exp.experiment_id
+            run = client.create_run(exp_id, run_name=cfg.run.name or run_dir.name)
+            run_id = run.info.run_id
+            params = [Param(k, _param_value(v)) for k, v in config.flat(cfg).items()]
+            for i in range(0, len(params), MAX_BATCH_PARAMS):
+                client.log_batch(run_id, params=params[i:i + MAX_BATCH_PARAMS], synchronous=True)
+            client.set_tag(run_id, "recipe_hash", config.training_hash(cfg))
+            stored_tags: dict[str, str] = {}
+        else:
+            run = client.get_run(run_id)
+            stored_tags = dict(run.data.tags)
+            _check_same_training(cfg, run_id, run.data.params, stored_tags.get("recipe_hash"))
+            client.update_run(run_id, status="RUNNING")
+            exp_id = run.info.experiment_id
+        all_tags = dict(tags)
+        if new_ids or stored_tags.get("slurm_job_ids"):
+            all_tags["slurm_job_ids"] = _merge_job_ids(stored_tags.get("slurm_job_ids", ""), new_ids)
+            all_tags["slurm_job_id"] = new_ids[-1] if new_ids else stored_tags.get("slurm_job_id", "")
+        all_tags.setdefault("host", socket.gethostname())
+        for k, v in all_tags.items():
+            if v != "":
+                client.set_tag(run_id, k, v)
+
+        (run_dir / "tracking.json").write_text(json.dumps(
+            {"run_id": run_id, "experiment_id": exp_id, "tracking_uri": uri}, indent=1) + "\n")
+
+        monitor = None
+        if system_metrics:
+            monitor = _start_system_metrics(run_id, uri, resume=continued)
+        log.info("tracking: MLflow run %s at %s", run_id, uri)
+        return cls(client, run_id, uri, run_dir, {**stored_tags, **all_tags}, monitor)
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    # ---------------------------------------------------------------------------------------------
+    # Logging (all asynchronous)
+    # ---------------------------------------------------------------------------------------------
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue `metrics` at `step` (returns at once). Values must convert to float."""
+        from mlflow.entities import Metric
+
+        self._check_open()
+        ts = int(time.time() * 1000)
+        batch = []
+        for k, v in metrics.items():
+            try:
+                value = float(v)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"log_metrics: {k}={v!r} is not a number") from e
+            batch.append(Metric(key=str(k), value=value, timestamp=ts, step=int(step)))
+        for i in range(0, len(batch), MAX_BATCH_METRICS):
+            part = batch[i:i + MAX_BATCH_METRICS]
+            self._put(_Record(label=f"{len(part)} metric values at step {step}", metrics=part))
+
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """Queue an image (PIL, or HWC uint8 array) as step-indexed image `key` (MLflow's image slider)."""
+        self._check_open()
+        pil = _to_pil(image)
+        run_id = self._run_id
+        self._put(_Record(label=f"image {key!r} at step {step}",
+                          call=lambda: self._client.log_image(run_id, pil, key=key, step=int(step),
+                                                              synchronous=True)))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Queue the upload of a file or folder. It is read when uploaded: keep it until `close`."""
+        self._check_open()
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"log_artifact: {path} does not exist")
+        run_id = self._run_id
+        if path.is_dir():
+            call = lambda: self._client.log_artifacts(run_id, str(path), artifact_path)  # noqa: E731
+        else:
+            call = lambda: self._client.log_artifact(run_id, str(path), artifact_path)  # noqa: E731
+        self._put(_Record(label=f"artifact {path}", call=call))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Queue tags; slurm_job_id / slurm_job_ids values are appended to the slurm_job_ids list."""
+        self._check_open()
+        tags = {str(k): _tag_value(v) for k, v in tags.items()}
+        new_ids = [tags.pop(k) for k in ("slurm_job_id", "slurm_job_ids") if k in tags]
+        if new_ids:
+            tags["slurm_job_ids"] = _merge_job_ids(self._tags.get("slurm_job_ids", ""), new_ids)
+            tags["slurm_job_id"] = new_ids[-1]
+        self._tags.update(tags)
+        run_id = self._run_id
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, v) for k, v in tags.items()]
+        self._put(_Record(label=f"tags {sorted(tags)}",
+                          call=lambda: self._client.log_batch(run_id, tags=batch, synchronous=True)))
+
+    def close(self, status: str = "FINISHED", error: str | None = None, timeout: float = 60.0) -> int:
+        """End the run with `status` (FAILED: `error` becomes the run's tag `error` and its note).
+
+        Waits up to `timeout` s for everything queued to reach MLflow. Returns the number of metric
+        values that were NOT delivered (0 normally); a non-zero count is also logged as an error and
+        those values are appended to <run_dir>/tracking-undelivered.jsonl.
+        """
+        if status not in STATUSES:
+            raise ValueError(f"close: status must be one of {', '.join(STATUSES)}, got {status!r}")
+        if self._closed:
+            return 0
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception as e:  # system metrics are best effort
+                log.warning("tracking: stopping the system metrics monitor failed: %s", e)
+        run_id = self._run_id
+        if error:
+            tags = {"error": _tag_value(error), "mlflow.note.content": _tag_value(f"{status}: {error}")}
+            self.set_tags(tags)
+        self._put(_Record(label=f"run status {status}",
+                          call=lambda: self._client.set_terminated(run_id, status=status)))
+        self._closed = True
+        self._closing.set()
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(_STOP, timeout=max(0.1, timeout))
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            # Whatever is still queued or pending was not delivered.
+            while True:
+                try:
+                    rec = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if rec is not _STOP:
+                    self._pending.append(rec)
+            left = list(self._pending)
+            self._pending.clear()
+            lost_values = self._dropped_values + sum(len(r.metrics) for r in left if r.metrics)
+            lost_other = self._dropped_other + [r.label for r in left if r.metrics is None]
+        undelivered = [m for r in left if r.metrics for m in r.metrics]
+        if undelivered:
+            with open(self.run_dir / "tracking-undelivered.jsonl", "a") as f:
+                for m in undelivered:
+                    f.write(json.dumps({"run_id": run_id, "key": m.key, "value": m.value, "step": m.step,
+                                        "timestamp": m.timestamp}) + "\n")
+        if lost_values or lost_other:
+            log.error("tracking: %d metric value(s) and %d other record(s) were NOT delivered to MLflow at %s "
+                      "(run %s)%s%s", lost_values, len(lost_other), self.uri, run_id,
+                      f"; undelivered metrics saved to {self.run_dir / 'tracking-undelivered.jsonl'}"
+                      if undelivered else "", f"; lost: {', '.join(lost_other[:10])}" if lost_other else "")
+        else:
+            log.info("tracking: run %s closed (%s), all records delivered", run_id, status)
+        return lost_values
+
+    # ---------------------------------------------------------------------------------------------
+    # The background thread
+    # ---------------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("tracker is closed")
+
+    def _put(self, rec: _Record) -> None:
+        try:
+            self._queue.put_nowait(rec)
+            self._full_warned = False
+        except queue.Full:
+            with self._lock:
+                if rec.metrics:
+                    self._dropped_values += len(rec.metrics)
+                else:
+                    self._dropped_other.append(rec.label)
+            if not self._full_warned:
+                log.warning("tracking: queue full (%d records waiting for MLflow at %s): dropping new records; "
+                            "the count is reported at close", QUEUE_RECORDS, self.uri)
+                self._full_warned = True
+
+    def _take(self, rec: _Record) -> None:
+        """Move a record into the pending buffer, dropping the oldest metrics past MAX_PENDING_VALUES."""
+        with self._lock:
+            self._pending.append(rec)
+            n = sum(len(r.metrics) for r in self._pending if r.metrics)
+            while n > MAX_PENDING_VALUES:
+                oldest = next(r for r in self._pending if r.metrics)
+                self._pending.remove(oldest)
+                n -= len(oldest.metrics)
+                self._dropped_values += len(oldest.metrics)
+
+    def _send_one(self) -> bool:
+        """Deliver the head of the pending buffer (metrics: merged into one batch). False when empty."""
+        with self._lock:
+            if not self._pending:
+                return False
+            head = self._pending[0]
+            if head.metrics is not None:
+                recs, values = [], []
+                for r in self._pending:
+                    if r.metrics is None or len(values) + len(r.metrics) > MAX_BATCH_METRICS and values:
+                        break
+                    recs.append(r)
+                    values += r.metrics
+            else:
+                recs, values = [head], []
+        try:
+            if values:
+                self._client.log_batch(self._run_id, metrics=values, synchronous=True)
+            else:
+                head.call()
+        except Exception as e:
+            if getattr(e, "error_code", None) not in _PERMANENT:
+                raise
+            log.error("tracking: MLflow rejected %s: %s (dropped)", ", ".join(r.label for r in recs), e)
+            with self._lock:
+                self._dropped_values += len(values)
+                if not values:
+                    self._dropped_other.append(head.label)
+        with self._lock:  # by identity: an overflow may have dropped records meanwhile
+            sent = {id(r) for r in recs}
+            self._pending = collections.deque(r for r in self._pending if id(r) not in sent)
+        return True
+
+    def _worker(self) -> None:
+        backoff, next_try, outage, stop = 0.5, 0.0, False, False
+        while True:
+            with self._lock:
+                has_pending = bool(self._pending)
+            if stop and not has_pending:
+                return
+            wait = max(0.0, next_try - time.monotonic()) if has_pending else None
+            try:
+                rec = self._queue.get(timeout=wait) if wait is None or wait > 0 else self._queue.get_nowait()
+                while True:  # take everything queued now, so that metrics go out in large batches
+                    if rec is _STOP:
+                        stop = True
+                    else:
+                        self._take(rec)
+                    rec = self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            if time.monotonic() < next_try:
+                continue
+            try:
+                delivered = 0
+                while self._send_one():
+                    delivered += 1
+                if outage:
+                    log.warning("tracking: MLflow at %s reachable again; buffered records delivered", self.uri)
+                outage, backoff = False, 0.5
+            except Exception as e:
+                if not outage:
+                    log.warning("tracking: cannot reach MLflow at %s (%s: %s); buffering and retrying in the "
+                                "background", self.uri, type(e).__name__, str(e)[:200])
+                    outage = True
+                next_try = time.monotonic() + backoff
+                backoff = min(backoff * 2, 2.0 if self._closing.is_set() else 30.0)
+
+
+def _check_same_training(cfg: config.Recipe, run_id: str, params: dict[str, str], stored_hash: str | None) -> None:
+    """ConfigError if the run `run_id` was started with other training fields than `cfg`."""
+    new_hash = config.training_hash(cfg)
+    if stored_hash is None:
+        log.warning("tracking: run %s has no recipe_hash tag; cannot check that the recipe is unchanged", run_id)
+        return
+    if stored_hash == new_hash:
+        return
+    diffs = [f"{k}: {params.get(k)!r} -> {_param_value(v)!r}" for k, v in sorted(config.training_fields(cfg).items())
+             if params.get(k) != _param_value(v)]
+    raise config.ConfigError(
+        f"MLflow run {run_id} was started with other training settings (recipe_hash {stored_hash}, now {new_hash}): "
+        + ("; ".join(diffs) if diffs else "fields not recoverable from its params")
+        + ". Restore them, or start a new run (another run.name / run.dir).")
+
+
+def _start_system_metrics(run_id: str, uri: str, resume: bool) -> Any:
+    """This node's system metrics (MLflow's monitor, node id = host name); None without psutil."""
+    try:
+        import psutil  # noqa: F401
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:
+        log.warning("tracking: system metrics need psutil; not logging them")
+        return None
+    os.environ.setdefault("MLFLOW_SYSTEM_METRICS_NODE_ID", socket.gethostname())
+    monitor = SystemMetricsMonitor(run_id, node_id=os.environ["MLFLOW_SYSTEM_METRICS_NODE_ID"], tracking_uri=uri,
+                                   resume_logging=resume)
+    monitor.start()
+    return monitor
+
+
+class NullTracker:
+    """The tracker of ranks other than 0 and of `tracking.enabled=false`: every method does nothing."""
+
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED", error: str | None = None, timeout: float = 60.0) -> int:
+        if status not in STATUSES:
+            raise ValueError(f"close: status must be one of {', '.join(STATUSES)}, got {status!r}")
+        return 0
+
+
+def open_tracker(cfg: config.Recipe, run_dir: Path, run_id: str | None, tags: dict[str, str], rank: int,
+                 system_metrics: bool = False) -> Tracker | NullTracker:
+    """Rank 0 with tracking enabled: `Tracker.open(...)`; otherwise a `NullTracker`."""
+    if rank != 0 or not cfg.tracking.enabled:
+        return NullTracker()
+    return Tracker.open(cfg, run_dir, run_id, tags, system_metrics=system_metrics)

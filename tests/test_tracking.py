@@ -1,0 +1,186 @@
+"""Tracking component: MLflow runs through the embedded SQLite default and a real server (infra/mlflow with
+SeaweedFS artifacts), resume rules, asynchronous logging through a server outage, and the UI page."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from waveforge import config, tracking
+
+
+def _cfg(name: str = "trk", **overrides) -> config.Recipe:
+    return config.load("tiny", {"run.name": name, "storage.secret_key": "s3cr3t", **overrides})
+
+
+def _grid(step: int) -> np.ndarray:
+    rng = np.random.default_rng(step)
+    return rng.integers(0, 256, size=(32, 48, 3), dtype=np.uint8)
+
+
+def test_embedded_sqlite_run_then_continue(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    cfg = _cfg()
+    run_dir = tmp_path / "runs" / "tiny" / "trk"
+    t = tracking.open_tracker(cfg, run_dir, None, {"git_commit": "abc123", "slurm_job_id": "11"}, rank=0)
+    assert isinstance(t, tracking.Tracker)
+    for step in range(3):
+        t.log_metrics({"loss_g": 1.0 / (step + 1), "loss_d": 0.5}, step=step)
+    t.log_image(_grid(2), key="samples", step=2)
+    assert t.close("FINISHED") == 0
+
+    uri = f"sqlite:///{tmp_path / 'runs' / 'tiny'}/mlflow.db"
+    assert tracking.read_run_id(run_dir) == t.run_id
+    client = MlflowClient(uri)
+    run = client.get_run(t.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "trk"
+    assert run.data.params["train.lr_g"] == str(cfg.train.lr_g)
+    assert run.data.params["storage.secret_key"] == config.MASK  # secrets never leave the process
+    assert run.data.tags["recipe_hash"] == config.training_hash(cfg)
+    assert run.data.tags["slurm_job_ids"] == "11" and run.data.tags["git_commit"] == "abc123"
+    assert [m.value for m in client.get_metric_history(t.run_id, "loss_g")] == [1.0, 0.5, 1.0 / 3]
+    # Artifacts of the embedded default sit beside the database; the image is step-indexed.
+    assert run.info.artifact_uri.startswith((tmp_path / "runs" / "tiny" / "mlartifacts").as_uri())
+    images = [a.path for a in client.list_artifacts(t.run_id, "images")]
+    assert any(p.startswith("images/samples+step+2") and p.endswith(".png") for p in images), images
+
+    # Continue the same run after a "requeue": same run id, no param re-log error, RUNNING while open.
+    cfg2 = _cfg(**{"train.max_steps": 99})  # a non-training field may change
+    t2 = tracking.Tracker.open(cfg2, run_dir, t.run_id, {"slurm_job_id": "12"})
+    assert t2.run_id == t.run_id
+    assert client.get_run(t.run_id).info.status == "RUNNING"
+    for step in range(3, 5):
+        t2.log_metrics({"loss_g": 0.1 * step}, step=step)
+    t2.set_tags({"slurm_job_id": "13"})
+    assert t2.close("FAILED", error="RuntimeError: boom") == 0
+    run = client.get_run(t.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: boom"
+    assert run.data.tags["slurm_job_ids"] == "11,12,13"
+    assert [m.step for m in client.get_metric_history(t.run_id, "loss_g")] == [0, 1, 2, 3, 4]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_resume_with_changed_training_field_names_it(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "tiny" / "r"
+    t = tracking.Tracker.open(_cfg("r"), run_dir, None, {})
+    t.close()
+    with pytest.raises(config.ConfigError, match=r"train\.lr_g: '0\.0002' -> '0\.0001'") as e:
+        tracking.Tracker.open(_cfg("r", **{"train.lr_g": 1e-4}), run_dir, t.run_id, {})
+    assert "model" not in str(e.value).split("->")[0].split(":", 2)[-1]  # only the changed field is named
+
+
+def test_null_tracker_and_disabled(tmp_path: Path) -> None:
+    cfg = _cfg()
+    for tr in (tracking.open_tracker(cfg, tmp_path / "a", None, {}, rank=1),
+               tracking.open_tracker(_cfg(**{"tracking.enabled": False}), tmp_path / "b", None, {}, rank=0)):
+        assert isinstance(tr, tracking.NullTracker) and tr.run_id is None
+        tr.log_metrics({"x": 1.0}, step=0)
+        tr.log_image(_grid(0), key="s", step=0)
+        tr.set_tags({"a": "b"})
+        assert tr.close("KILLED") == 0
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_bad_input_is_rejected_at_the_call(tmp_path: Path) -> None:
+    t = tracking.Tracker.open(_cfg(), tmp_path / "runs" / "tiny" / "bad", None, {})
+    with pytest.raises(TypeError, match="loss"):
+        t.log_metrics({"loss": "high"}, step=0)
+    with pytest.raises(TypeError, match="uint8"):
+        t.log_image(np.zeros((4, 4, 3), np.float32), key="s", step=0)
+    with pytest.raises(FileNotFoundError):
+        t.log_artifact(tmp_path / "nope.txt")
+    with pytest.raises(ValueError, match="FINISHED"):
+        t.close("DONE")
+    assert t.close() == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        t.log_metrics({"x": 1.0}, step=1)
+
+
+@pytest.mark.services
+def test_real_server_params_curve_image_artifact_in_s3(mlflow_server, s3_server, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    cfg = _cfg("server-run", **{"tracking.uri": mlflow_server.uri, "tracking.experiment": "trk-server"})
+    run_dir = tmp_path / "run"
+    t = tracking.Tracker.open(cfg, run_dir, None, {"nodes": "1"})
+    losses = [2.0 * 0.8**s for s in range(20)]
+    for s, v in enumerate(losses):
+        t.log_metrics({"loss_g": v}, step=s)
+    t.log_image(_grid(19), key="samples", step=19)
+    (run_dir / "recipe.yaml").write_text(config.to_yaml(cfg))
+    t.log_artifact(run_dir / "recipe.yaml")
+    assert t.close("FINISHED") == 0
+
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(t.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["model.resolution"] == str(cfg.model.resolution)
+    assert [m.value for m in client.get_metric_history(t.run_id, "loss_g")] == losses
+    keys = [p for p in s3_server.filesystem().find("mlflow-artifacts") if t.run_id in p]
+    assert any(k.endswith("/artifacts/recipe.yaml") for k in keys), keys
+    assert any("/artifacts/images/samples+step+19" in k and k.endswith(".png") for k in keys), keys
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_server_outage_buffers_and_delivers(mlflow_server_factory, tmp_path: Path, caplog) -> None:
+    from mlflow.tracking import MlflowClient
+
+    server = mlflow_server_factory()
+    cfg = _cfg("outage", **{"tracking.uri": server.uri})
+    t = tracking.Tracker.open(cfg, tmp_path / "run", None, {})
+    t.log_metrics({"loss": 1.0}, step=0)
+    caplog.set_level(logging.WARNING, logger="waveforge.tracking")
+    server.stop()
+    for s in range(1, 11):  # the server is down: calls return at once
+        t.log_metrics({"loss": 1.0 / (s + 1)}, step=s)
+    server.start()
+    assert t.close("FINISHED", timeout=120) == 0
+    assert "cannot reach MLflow" in caplog.text  # the outage was reported (once)
+    assert caplog.text.count("cannot reach MLflow") == 1
+    hist = MlflowClient(server.uri).get_metric_history(t.run_id, "loss")
+    assert [m.step for m in hist] == list(range(11))
+    assert MlflowClient(server.uri).get_run(t.run_id).info.status == "FINISHED"
+
+    # Down for good: close gives up after its timeout and reports the exact count lost.
+    t = tracking.Tracker.open(cfg, tmp_path / "run2", None, {})
+    server.stop()
+    for s in range(7):
+        t.log_metrics({"a": 1.0, "b": 2.0}, step=s)
+    caplog.clear()
+    assert t.close("FINISHED", timeout=3) == 14
+    assert "14 metric value(s)" in caplog.text and "NOT delivered" in caplog.text
+    lines = (tmp_path / "run2" / "tracking-undelivered.jsonl").read_text().splitlines()
+    assert len(lines) == 14
+
+
+@pytest.mark.services
+def test_mlflow_ui_run_page_in_headless_chromium(mlflow_server, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed (bash infra/system_packages.sh)")
+    cfg = _cfg("ui-visible-run", **{"tracking.uri": mlflow_server.uri, "tracking.experiment": "trk-ui"})
+    t = tracking.Tracker.open(cfg, tmp_path / "run", None, {})
+    for s in range(5):
+        t.log_metrics({"loss_generator": 1.0 / (s + 1)}, step=s)
+    assert t.close("FINISHED") == 0
+    exp_id = MlflowClient(mlflow_server.uri).get_run(t.run_id).info.experiment_id
+    url = f"{mlflow_server.uri}/#/experiments/{exp_id}/runs/{t.run_id}"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--window-size=1400,900", "--virtual-time-budget=10000"]
+    shot = tmp_path / "mlflow-run-page.png"
+    subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / 'chrome1'}", f"--screenshot={shot}", url],
+                   capture_output=True, timeout=120, check=True)
+    print(f"MLflow UI screenshot: {shot}")
+    assert shot.stat().st_size > 10_000
+    dom = subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / 'chrome2'}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "ui-visible-run" in dom and "loss_generator" in dom

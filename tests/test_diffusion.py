@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+
 from waveforge import config
 from waveforge.config import DiffusionConfig
 from waveforge.diffusion import (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from waveforge import config
 from waveforge.models import build_discriminator, build_generator, count_params
 from waveforge.models.discriminator import minibatch_stddev

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from waveforge.wavelet import dwt, dwt_levels, from_wavelet, idwt, idwt_levels, to_wavelet
 
 
@@ -83,6 +84,16 @@ def test_low_precision_inputs_are_computed_in_fp32():
     # A block where bf16 partial sums would round (256 + 1 = 256 in bf16): exact values survive.
     blk = torch.tensor([[[[256.0, 1.0], [-256.0, 1.0]]]], dtype=torch.bfloat16)
     assert dwt(blk)[0, :, 0, 0].float().tolist() == [1.0, 256.0, -1.0, 256.0]
+
+
+def test_autocast_does_not_lower_the_precision():
+    x = torch.randn(2, 3, 8, 8) * 100 + 1000  # large values: bf16 sums would be off by several units
+    exact = dwt(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dwt(x)
+        back = idwt(y)
+    assert y.dtype == torch.float32 and torch.allclose(y, exact, rtol=0, atol=1e-3)
+    assert torch.allclose(back, x, rtol=0, atol=1e-3)
 
 
 def test_bad_shapes_raise():

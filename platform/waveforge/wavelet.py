@@ -21,10 +21,12 @@ channels of the 12 are which. `tests/test_wavelet.py` pins both facts.
 The transform is orthonormal (the inverse is the transpose), exact in fp32, written as one 4x4 matrix
 product per 2x2 block (a reshape, a permute and a matmul), so it is fast, differentiable to any order
 (R1 runs through it) and has no filter parameters. Inputs in bf16/fp16 are computed in fp32 and cast
-back (fp64 stays fp64, for gradcheck).
+back (fp64 stays fp64, for gradcheck), with autocast disabled inside.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -51,6 +53,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _exact(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off: under bf16 autocast a matmul would otherwise run in bf16 and round the band sums."""
+    if device.type in ("cuda", "cpu", "xpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _check_image(x: torch.Tensor, name: str) -> None:
     if x.dim() != 4:
         raise ValueError(f"{name}: expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
@@ -66,8 +75,9 @@ def dwt(x: torch.Tensor) -> torch.Tensor:
     # (B, C, h, 2, w, 2) -> (B, [row in block, col in block], C*h*w): the 4 pixels of each block in rows
     # a, b, c, d; one (4x4) @ (4, C*h*w) product then gives the bands already in band-major order.
     ct = _compute_dtype(x)
-    pixels = x.to(ct).reshape(B, C, h, 2, w, 2).permute(0, 3, 5, 1, 2, 4).reshape(B, 4, C * h * w)
-    return torch.matmul(_haar(x.device, ct), pixels).reshape(B, 4 * C, h, w).to(x.dtype)
+    with _exact(x.device):
+        pixels = x.to(ct).reshape(B, C, h, 2, w, 2).permute(0, 3, 5, 1, 2, 4).reshape(B, 4, C * h * w)
+        return torch.matmul(_haar(x.device, ct), pixels).reshape(B, 4 * C, h, w).to(x.dtype)
 
 
 def idwt(y: torch.Tensor) -> torch.Tensor:
@@ -78,8 +88,9 @@ def idwt(y: torch.Tensor) -> torch.Tensor:
     C = C4 // 4
     # The matrix is orthogonal and symmetric: its inverse is itself.
     ct = _compute_dtype(y)
-    pixels = torch.matmul(_haar(y.device, ct), y.to(ct).reshape(B, 4, C * h * w)).reshape(B, 2, 2, C, h, w)
-    return pixels.permute(0, 3, 4, 1, 5, 2).reshape(B, C, 2 * h, 2 * w).to(y.dtype)
+    with _exact(y.device):
+        pixels = torch.matmul(_haar(y.device, ct), y.to(ct).reshape(B, 4, C * h * w)).reshape(B, 2, 2, C, h, w)
+        return pixels.permute(0, 3, 4, 1, 5, 2).reshape(B, C, 2 * h, 2 * w).to(y.dtype)
 
 
 def to_wavelet(img: torch.Tensor) -> torch.Tensor:

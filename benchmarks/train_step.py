@@ -1,0 +1,209 @@
+"""Training-step speed on CPU: one full D+G iteration with R1, and one T-step sampling pass.
+
+    python benchmarks/train_step.py recipe=celebahq256 [batch=2] [threads=2] [repeats=3]
+                                    [reference=/path/to/WaveDiff]
+
+waveforge: the recipe's full-size G and D, `diffusion.d_loss` (R1 on) + backward + Adam step, then
+`diffusion.g_loss` + backward + Adam step, fp32, on a random batch of wavelet subbands; sampling =
+`diffusion.sample` over T steps. With reference=, the same iteration is run with the reference
+WaveDiff's own model code (its WaveletNCSNpp / NCSNpp and Discriminator_small/large, and its diffusion.py
+coefficient helpers), imported from that checkout at run time - never copied here - on the same batch
+in the same process, following its train_wddgan.py step (D real + R1 + D fake, then G adversarial + L1).
+Its custom CUDA ops are JIT-built at import; here their build is skipped (torch.utils.cpp_extension.load
+is stubbed during the import) so they take the checkout's own pure-PyTorch CPU path (upfirdn2d_native).
+Reports the median of `repeats` timed runs after one warm-up, and the ratio reference / waveforge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from waveforge import cli
+from waveforge.config import Recipe
+from waveforge.diffusion import d_loss, g_loss, make_schedule, sample, set_requires_grad
+from waveforge.models import build_discriminator, build_generator, count_params
+
+JOB_KEYS = {
+    "batch": "images per step (default 2)",
+    "threads": "torch CPU threads (default 2)",
+    "repeats": "timed runs after one warm-up (default 3; the median is reported)",
+    "reference": "path of a VinAIResearch/WaveDiff checkout to time side by side (optional)",
+}
+
+
+def median_time(fn: Callable[[], None], repeats: int) -> tuple[float, list[float]]:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def ours(cfg: Recipe, x0: torch.Tensor, seed: int) -> tuple[Callable[[], None], Callable[[], None], int, int]:
+    torch.manual_seed(seed)
+    G = build_generator(cfg.model, cfg.diffusion)
+    D = build_discriminator(cfg.model, cfg.diffusion)
+    sched = make_schedule(cfg.diffusion)
+    t_cfg, B, nz = cfg.train, x0.shape[0], cfg.model.nz
+    opt_g = torch.optim.Adam(G.parameters(), lr=t_cfg.lr_g, betas=(t_cfg.beta1, t_cfg.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=t_cfg.lr_d, betas=(t_cfg.beta1, t_cfg.beta2))
+
+    def step() -> None:
+        set_requires_grad(D, True)
+        set_requires_grad(G, False)
+        t = torch.randint(0, sched.num_timesteps, (B,))
+        loss, _ = d_loss(G, D, sched, x0, t, torch.randn(B, nz), t_cfg.r1_gamma, do_r1=True)
+        opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_d.step()
+        set_requires_grad(D, False)
+        set_requires_grad(G, True)
+        t = torch.randint(0, sched.num_timesteps, (B,))
+        loss, _ = g_loss(G, D, sched, x0, t, torch.randn(B, nz), t_cfg.rec_weight)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+
+    def sampling() -> None:
+        sample(G, sched, torch.randn_like(x0), latents=lambda step: torch.randn(B, nz))
+
+    return step, sampling, count_params(G), count_params(D)
+
+
+def reference_args(cfg: Recipe) -> argparse.Namespace:
+    """The reference's train_wddgan.py arguments for this recipe (its defaults + run.sh values)."""
+    m, d = cfg.model, cfg.diffusion
+    return argparse.Namespace(
+        image_size=m.resolution // 2, num_channels=4 * m.channels, num_channels_dae=m.nf, ch_mult=list(m.ch_mult),
+        num_res_blocks=m.num_res_blocks, attn_resolutions=list(m.attn_resolutions) or [0], dropout=m.dropout,
+        nz=m.nz, z_emb_dim=m.z_emb_dim, t_emb_dim=m.t_emb_dim, n_mlp=m.n_mlp, patch_size=m.patch_size,
+        centered=True, resamp_with_conv=True, conditional=True, fir=True, fir_kernel=[1, 3, 3, 1],
+        skip_rescale=True, resblock_type="biggan", progressive="none", progressive_input="residual",
+        progressive_combine="sum", embedding_type="positional", fourier_scale=16.0, not_use_tanh=False,
+        num_timesteps=d.num_timesteps, beta_min=d.beta_min, beta_max=d.beta_max, use_geometric=d.use_geometric,
+        no_use_fbn=not m.freq_bottleneck, no_use_freq=not m.wavelet_updown, no_use_residual=not m.input_pyramid)
+
+
+@contextlib.contextmanager
+def _no_extension_build():
+    """Stub torch.utils.cpp_extension.load while the reference imports its CUDA ops (no nvcc/GPU here)."""
+    import torch.utils.cpp_extension as ext
+
+    original = ext.load
+    ext.load = lambda *args, **kwargs: types.SimpleNamespace()
+    try:
+        yield
+    finally:
+        ext.load = original
+
+
+def reference(path: str, cfg: Recipe, x0: torch.Tensor, seed: int
+              ) -> tuple[Callable[[], None], Callable[[], None], int, int]:
+    root = Path(path).expanduser().resolve()
+    if not (root / "score_sde" / "models" / "ncsnpp_generator_adagn.py").is_file():
+        cli.fail(f"reference={path}: not a WaveDiff checkout (no score_sde/models/ncsnpp_generator_adagn.py)")
+    sys.path.insert(0, str(root))
+    with _no_extension_build():
+        import score_sde.op  # noqa: F401
+    from diffusion import (
+        Diffusion_Coefficients,
+        Posterior_Coefficients,
+        q_sample_pairs,
+        sample_from_model,
+        sample_posterior,
+    )
+    from score_sde.models.discriminator import Discriminator_large, Discriminator_small
+    from score_sde.models.ncsnpp_generator_adagn import NCSNpp, WaveletNCSNpp
+
+    args = reference_args(cfg)
+    m, t_cfg = cfg.model, cfg.train
+    torch.manual_seed(seed)
+    G = (WaveletNCSNpp if m.generator == "wavelet" else NCSNpp)(args)
+    D = (Discriminator_small if m.d_layers <= 4 else Discriminator_large)(
+        nc=2 * args.num_channels, ngf=m.d_nf, t_emb_dim=m.t_emb_dim, act=nn.LeakyReLU(0.2), num_layers=m.d_layers)
+    coeff = Diffusion_Coefficients(args, x0.device)
+    pos_coeff = Posterior_Coefficients(args, x0.device)
+    opt_g = torch.optim.Adam(G.parameters(), lr=t_cfg.lr_g, betas=(t_cfg.beta1, t_cfg.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=t_cfg.lr_d, betas=(t_cfg.beta1, t_cfg.beta2))
+    B, nz, T = x0.shape[0], m.nz, args.num_timesteps
+
+    def step() -> None:  # train_wddgan.py's iteration, R1 on
+        for p in D.parameters():
+            p.requires_grad = True
+        D.zero_grad()
+        for p in G.parameters():
+            p.requires_grad = False
+        t = torch.randint(0, T, (B,))
+        x_t, x_tp1 = q_sample_pairs(coeff, x0, t)
+        x_t.requires_grad = True
+        d_real = D(x_t, t, x_tp1.detach()).view(-1)
+        err_real = F.softplus(-d_real).mean()
+        err_real.backward(retain_graph=True)
+        (grad,) = torch.autograd.grad(outputs=d_real.sum(), inputs=x_t, create_graph=True)
+        penalty = t_cfg.r1_gamma / 2 * (grad.view(B, -1).norm(2, dim=1) ** 2).mean()
+        penalty.backward()
+        x0_pred = G(x_tp1.detach(), t, torch.randn(B, nz))
+        x_fake = sample_posterior(pos_coeff, x0_pred, x_tp1, t)
+        F.softplus(D(x_fake, t, x_tp1.detach()).view(-1)).mean().backward()
+        opt_d.step()
+        for p in D.parameters():
+            p.requires_grad = False
+        for p in G.parameters():
+            p.requires_grad = True
+        G.zero_grad()
+        t = torch.randint(0, T, (B,))
+        x_t, x_tp1 = q_sample_pairs(coeff, x0, t)
+        x0_pred = G(x_tp1.detach(), t, torch.randn(B, nz))
+        x_fake = sample_posterior(pos_coeff, x0_pred, x_tp1, t)
+        err_g = F.softplus(-D(x_fake, t, x_tp1.detach()).view(-1)).mean() + F.l1_loss(x0_pred, x0)
+        err_g.backward()
+        opt_g.step()
+
+    def sampling() -> None:
+        sample_from_model(pos_coeff, G, T, torch.randn_like(x0), None, args)
+
+    return step, sampling, sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())
+
+
+def main() -> None:
+    a = cli.parse(sys.argv[1:], "train_step", __doc__.split("\n\n")[0], job_keys=JOB_KEYS, default_recipe="celebahq256")
+    cfg = a.cfg
+    batch, threads, repeats = int(a.job.get("batch", 2)), int(a.job.get("threads", 2)), int(a.job.get("repeats", 3))
+    if batch < 1 or threads < 1 or repeats < 1:
+        cli.fail("batch, threads and repeats must be >= 1")
+    torch.set_num_threads(threads)
+    r = cfg.model.resolution // 2
+    x0 = (torch.rand(batch, 4 * cfg.model.channels, r, r, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.5
+    impls = {"waveforge": ours(cfg, x0, seed=0)}
+    if "reference" in a.job:
+        impls["reference"] = reference(str(a.job["reference"]), cfg, x0, seed=0)
+    print(f"recipe {cfg.recipe}: batch {batch}, {threads} thread(s), {repeats} timed runs (median), fp32, CPU")
+    results: dict[str, dict[str, float]] = {}
+    for name, (step, sampling, g_params, d_params) in impls.items():
+        print(f"{name:>10}: G {g_params / 1e6:.3f} M, D {d_params / 1e6:.3f} M parameters")
+        results[name] = {}
+        for what, fn in (("train step (D+R1, G)", step), (f"sampling ({cfg.diffusion.num_timesteps} steps)", sampling)):
+            med, times = median_time(fn, repeats)
+            results[name][what] = med
+            print(f"{name:>10}: {what}: {med:.2f} s  (runs: {', '.join(f'{t:.2f}' for t in times)})", flush=True)
+    if "reference" in results:
+        for what in results["waveforge"]:
+            ratio = results["reference"][what] / results["waveforge"][what]
+            print(f"speed-up {what}: {ratio:.2f}x (reference / waveforge; target >= 1.25x)")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

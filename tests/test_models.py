@@ -140,6 +140,17 @@ def test_discriminator_variants_and_stddev():
     assert D_small(x, torch.zeros(6, dtype=torch.long), x).shape == (6,)
 
 
+def test_models_run_with_bf16_weights_and_inputs():
+    """DeepSpeed bf16 engines cast the modules to bf16 and feed bf16 tensors (no autocast)."""
+    _, G, D = _build("tiny")
+    G, D = G.to(torch.bfloat16), D.to(torch.bfloat16)
+    x = torch.randn(2, 12, 16, 16, dtype=torch.bfloat16)
+    t = torch.tensor([0, 1])
+    y = G(x, t, torch.randn(2, 32))  # fp32 latents are accepted
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    assert D(y, t, x).dtype == torch.bfloat16
+
+
 def test_discriminator_r1_double_backward():
     _, _, D = _build("tiny")
     x = torch.randn(2, 12, 16, 16, requires_grad=True)

@@ -83,7 +83,8 @@ class Discriminator(nn.Module):
             if x.dim() != 4 or x.shape[1] != self.in_ch:
                 raise ValueError(f"discriminator: expected {name} of shape (B, {self.in_ch}, H, W), "
                                  f"got {tuple(x.shape)}")
-        temb = F.leaky_relu(self.temb(timestep_embedding(t, self.t_emb_dim)), 0.2)
+        # the sinusoidal embedding is computed in fp32: cast it to the input's dtype (bf16/fp16 engines)
+        temb = F.leaky_relu(self.temb(timestep_embedding(t, self.t_emb_dim).to(x_t.dtype)), 0.2)
         h = self.conv_in(torch.cat([x_t, x_tp1], dim=1))
         for block in self.blocks:
             h = block(h, temb)

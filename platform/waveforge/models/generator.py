@@ -146,8 +146,8 @@ class Generator(nn.Module):
                              f"got {tuple(x.shape)}")
         if self.patch_size > 1:
             x = F.pixel_unshuffle(x, self.patch_size)
-        zemb = self.mapping(z)
-        temb = self.temb(timestep_embedding(t, self.nf))
+        zemb = self.mapping(z.to(x.dtype))
+        temb = self.temb(timestep_embedding(t, self.nf).to(x.dtype))  # fp32 embedding -> bf16/fp16 engines
 
         # Encoder.
         pyramid = x

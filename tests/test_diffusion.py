@@ -123,6 +123,13 @@ def test_seed_sampling_independent_of_batching():
     assert torch.allclose(again[0], whole[3], atol=1e-5)
 
 
+def test_sampling_a_bf16_generator_keeps_the_chain_in_fp32():
+    cfg = config.load("tiny")
+    G = build_generator(cfg.model, cfg.diffusion).to(torch.bfloat16).eval()
+    out = sample_from_seeds(G, make_schedule(cfg.diffusion), [1, 2], (12, 16, 16), cfg.model.nz, "cpu")
+    assert out.dtype == torch.float32 and out.shape == (2, 12, 16, 16) and torch.isfinite(out).all()
+
+
 def _tiny_models(seed: int = 0):
     cfg = config.load("tiny")
     torch.manual_seed(seed)

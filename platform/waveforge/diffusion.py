@@ -136,13 +136,16 @@ def sample(G: Callable[..., torch.Tensor], sched: Schedule, x_T: torch.Tensor, l
     latents: a list of T tensors (B, nz), used in call order (the first at step T-1), or a callable
     step -> (B, nz). noises: the same for the posterior noise (None = torch.randn_like).
     """
+    # A module with 16-bit weights (a bf16 engine's module) gets 16-bit inputs; the chain stays in x_T's dtype.
+    first = next(G.parameters(), None) if isinstance(G, nn.Module) else None
+    g_dtype = first.dtype if first is not None and first.is_floating_point() else x_T.dtype
     x = x_T
     B = x.shape[0]
     for k, step in enumerate(reversed(range(sched.num_timesteps))):
         t = torch.full((B,), step, dtype=torch.long, device=x.device)
         z = latents(step) if callable(latents) else latents[k]
         noise = None if noises is None else (noises(step) if callable(noises) else noises[k])
-        x0_hat = G(x, t, z)
+        x0_hat = G(x.to(g_dtype), t, z.to(g_dtype)).to(x.dtype)
         x = posterior_sample(sched, x0_hat, x, t, noise=noise)
     return x
 

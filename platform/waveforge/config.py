@@ -134,6 +134,7 @@ class CheckpointConfig:
     keep_last: int = 3  # complete checkpoints kept locally
     milestone_every_images: int = 0  # also keep every checkpoint at multiples of this (0 = none)
     url: str = ""  # object-storage copy (s3://bucket/prefix/...; "" = local only); uploaded in the background
+    remote_keep_last: int = 0  # complete checkpoints kept at `url` (milestones always; 0 = keep all)
 
 
 @dataclass
@@ -487,6 +488,8 @@ def validate(cfg: Recipe) -> None:
     _check(cfg.data.synthetic_samples >= 1, "data.synthetic_samples", cfg.data.synthetic_samples, ">= 1")
     _check(cfg.checkpoint.every_images >= 0, "checkpoint.every_images", cfg.checkpoint.every_images, ">= 0")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
+    _check(cfg.checkpoint.remote_keep_last >= 0, "checkpoint.remote_keep_last", cfg.checkpoint.remote_keep_last,
+           ">= 0 (0 = keep all)")
     _check(cfg.eval.every_images >= 0, "eval.every_images", cfg.eval.every_images, ">= 0 (0 = never)")
     _check(cfg.eval.num_samples >= 2, "eval.num_samples", cfg.eval.num_samples, ">= 2")
     _check(cfg.eval.batch_size >= 1 and cfg.eval.grid_size >= 1, "eval.batch_size", cfg.eval.batch_size, ">= 1")

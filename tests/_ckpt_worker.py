@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from waveforge import checkpoint, dist
 from waveforge.config import StorageConfig
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+
 from waveforge import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +157,7 @@ def test_resume_is_bit_exact(straight, tmp_path: Path, name: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["z2-z2-bf16", "z3-z2-bf16"])
 def test_reshard_2_to_1_to_2(straight, tmp_path: Path, name: str) -> None:
+    """2 -> 1 for both configs; back 1 -> 2 for the ZeRO-3 one (the CI time budget)."""
     a = straight(name)
     ck = checkpoint.ckpt_root(a) / "step-000000003"
     assert checkpoint.needs_universal(ck, 1) and not checkpoint.needs_universal(ck, 2)
@@ -167,6 +169,8 @@ def test_reshard_2_to_1_to_2(straight, tmp_path: Path, name: str) -> None:
                                                      losses(one).values()))
     ck1 = checkpoint.ckpt_root(one) / "step-000000005"
     assert checkpoint.read_manifest(ck1)["world"] == 1
+    if name != "z3-z2-bf16":
+        return
     # 1 -> 2
     two = run(2, tmp_path / "two", steps=6, save_every=6, resume=str(ck1), **CONFIGS[name])
     assert_same_state(one / "snap-5.pt", two / "snap-resumed-5.pt")
@@ -217,7 +221,7 @@ def test_sigkill_at_any_moment_resumes_exactly(straight, tmp_path: Path) -> None
     name = "z2-z2-bf16"
     a = straight(name)
     d = tmp_path / "killed"
-    args = dict(steps=STEPS, save_every=1, keep_last=2, step_sleep=0.3, **CONFIGS[name])
+    args = dict(steps=STEPS, save_every=1, keep_last=2, step_sleep=0.3, snap="6", **CONFIGS[name])
     rng = random.Random(1234)
     resumed_at: list[int] = []
 
@@ -258,7 +262,7 @@ def test_sigkill_at_any_moment_resumes_exactly(straight, tmp_path: Path) -> None
     # identical to it: no step was applied twice or skipped.
     la, lk = losses(a), losses(d)
     assert sorted(lk) == list(range(1, STEPS + 1))
-    assert all(v == la[s] for s, vals in lk.items() for v in vals)
+    assert all(v == la[s][0] for s, vals in lk.items() for v in vals)
     assert_same_state(a / "snap-6.pt", d / "snap-6.pt")
     assert checkpoint.read_manifest(checkpoint.ckpt_root(d) / "step-000000006")["step"] == STEPS
     assert len(list(checkpoint.ckpt_root(d).glob("step-*"))) == 2  # keep_last
@@ -373,63 +377,3 @@ def test_object_storage_round_trip(s3_server, tmp_path: Path, monkeypatch: pytes
     with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
         checkpoint.find_resume(tmp_path / "z", url + "/step-000000005", storage=scfg)
 
-
-_CONFTEST = ROOT / "tests" / "conftest.py"
-if not _CONFTEST.is_file() or "def s3_server" not in _CONFTEST.read_text():
-    @pytest.fixture(scope="module")
-    def s3_server(tmp_path_factory: pytest.TempPathFactory):
-        """A private SeaweedFS (`weed mini`) on free 127.0.0.1 ports, stopped by its PID."""
-        import types
-        import urllib.request
-
-        import boto3
-
-        state = tmp_path_factory.mktemp("weed")
-        key, secret = "WFTESTKEY", "wf-test-secret-0123456789"
-        (state / "s3.json").write_text(json.dumps({"identities": [{
-            "name": "admin", "credentials": [{"accessKey": key, "secretKey": secret}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        ports = {}
-        for name in ("s3", "master", "volume", "filer", "admin"):
-            while True:
-                p = _free_port()
-                if p + 10000 < 65536 and p not in ports.values():
-                    ports[name] = p
-                    break
-        weed = Path(sys.executable).parent / "weed"
-        log = open(state / "weed.log", "w")
-        proc = subprocess.Popen(
-            [str(weed), "mini", f"-dir={state / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-s3.config={state / 's3.json'}", f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
-             f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
-             f"-filer.localSocket={state / 'filer.sock'}", f"-s3.localSocket={state / 's3.sock'}",
-             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-             "-master.telemetry=false"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        (state / "data").mkdir(exist_ok=True)
-        endpoint = f"http://127.0.0.1:{ports['s3']}"
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                time.sleep(0.1)
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
-                              region_name="us-east-1")
-
-        def make_bucket(name: str) -> str:
-            client.create_bucket(Bucket=name)
-            return f"s3://{name}"
-
-        yield types.SimpleNamespace(endpoint_url=endpoint, access_key=key, secret_key=secret,
-                                    storage_options={"key": key, "secret": secret,
-                                                     "client_kwargs": {"endpoint_url": endpoint}},
-                                    make_bucket=make_bucket)
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()

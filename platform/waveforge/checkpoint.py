@@ -37,14 +37,16 @@ only resume from checkpoints you trust.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import queue
 import random
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -270,12 +272,14 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], ema: torch.nn.Module
     root = ckpt_root(run_dir)
     name = step_name(step)
     tmp = root / f".tmp-{step:09d}"
+    sums_dir = root / f".tmp-{step:09d}-sums"  # outside tmp: ranks may still list tmp while others write
 
     # 1. A fresh temporary folder (rank 0 clears leftovers of interrupted saves first).
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(root)
         (tmp / "rng").mkdir(parents=True)
+        sums_dir.mkdir()
     dist.barrier()
 
     # 2. Every rank writes: the engines' ZeRO partitions (DeepSpeed barriers inside), its RNG states;
@@ -294,8 +298,7 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], ema: torch.nn.Module
     # 3. Hash (and fsync) the files, spread over the ranks; each rank leaves its share in a sums file.
     files = _list_files(tmp)
     sums = {rel: _hash_file(tmp / rel) for rel in files[rank::world]}
-    (tmp / ".sums").mkdir(exist_ok=True)
-    _write_atomic(tmp / ".sums" / f"rank-{rank:05d}.json", json.dumps(sums).encode())
+    _write_atomic(sums_dir / f"rank-{rank:05d}.json", json.dumps(sums).encode())
     dist.barrier()
 
     # 4. Rank 0 checks, writes the manifest, publishes, points `latest` at it, prunes, queues the upload.
@@ -305,8 +308,8 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], ema: torch.nn.Module
         try:
             all_sums: dict[str, Any] = {}
             for r in range(world):
-                all_sums.update(json.loads((tmp / ".sums" / f"rank-{r:05d}.json").read_text()))
-            shutil.rmtree(tmp / ".sums")
+                all_sums.update(json.loads((sums_dir / f"rank-{r:05d}.json").read_text()))
+            shutil.rmtree(sums_dir)
             missing = [f"rng/rank-{r:05d}.pt" for r in range(world) if f"rng/rank-{r:05d}.pt" not in all_sums]
             if sorted(all_sums) != files or missing or not all(t in {f.split("/")[0] for f in files}
                                                                 for t in engines):
@@ -325,6 +328,8 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], ema: torch.nn.Module
                 "milestone": milestone, "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 "files": all_sums,
             }
+            for sub in [p for p in tmp.rglob("*") if p.is_dir()]:
+                _fsync_dir(sub)  # the files' names are durable too (their data was fsynced when hashed)
             _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
             if final.exists():  # re-saving a step (a resume from an older checkpoint): replace it
                 _delete_checkpoint(final)
@@ -610,14 +615,20 @@ def _convert_universal(ckpt: Path, tag: str) -> None:
     tmp = ckpt / f".tmp-{tag}{UNIVERSAL_SUFFIX}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    workers = str(max(1, min(4, os.cpu_count() or 1)))
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag),
-           "--output_folder", str(tmp), "--inject_missing_state",  # ZeRO-1/2 checkpoints lack the UC info
-           "--num_extract_workers", workers, "--num_merge_workers", workers]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        tail = (res.stdout + res.stderr)[-3000:]
-        raise CheckpointError(f"ds_to_universal {ckpt / tag} exited {res.returncode}:\n{tail}")
+    # In this process, sequentially (1 worker: no process pool forked from a process holding NCCL/gloo).
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(ckpt / tag), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # ZeRO-1/2 checkpoints lack the universal info
+    out_log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out_log), contextlib.redirect_stderr(out_log):
+            ds_to_universal.main(args)
+    except Exception as e:
+        raise CheckpointError(f"ds_to_universal {ckpt / tag} failed: {type(e).__name__}: {e}\n"
+                              f"{out_log.getvalue()[-3000:]}") from e
+    (ckpt / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer (ZeRO-3); tags are explicit
     (tmp / ".complete").write_text("ok\n")
     os.rename(tmp, out)
 

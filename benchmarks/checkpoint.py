@@ -1,0 +1,236 @@
+"""Checkpoint speed: save/load of real-sized DeepSpeed engines vs plain torch.save/torch.load of the same
+tensors to the same disk, and the training stall caused by a background upload to SeaweedFS.
+
+    .venv/bin/python benchmarks/checkpoint.py [dir=/tmp/wf-ckpt-bench] [upload=1] [repeats=2]
+
+One process (world size 1), CPU, ZeRO-2, bf16. Cases:
+  celebahq256: G + D engines built from the recipe's model section (waveforge.models)
+  celebahq1024: the 1024 px generator alone (G engine)
+For each: waveforge.checkpoint.save (shards + EMA + RNG + sha256 + fsync + atomic publish) and load,
+against torch.save (+ fsync) / torch.load of a dict of the same tensors (16-bit weights, fp32 master,
+Adam moments, EMA): the limit of the disk and the serializer. Reads come from the page cache unless
+the machine is short of memory (printed with the numbers). The stall: time per step of a small training
+loop (a CPU MLP step) alone and while the Uploader copies the celebahq256 checkpoint to a private
+`weed mini` (127.0.0.1, free ports), and the upload's MB/s.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+    os.environ.setdefault(k, v)
+
+import torch  # noqa: E402
+
+from waveforge import checkpoint, config, models  # noqa: E402
+from waveforge.config import StorageConfig  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine(net: torch.nn.Module) -> object:
+    """A ZeRO-2 bf16 engine whose Adam state exists (one step on zero gradients, no forward pass)."""
+    import deepspeed
+
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+           "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}},
+           "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "steps_per_print": 10**9}
+    eng, *_ = deepspeed.initialize(model=net, model_parameters=list(net.parameters()), config=cfg)
+    loss = sum(p.float().sum() for p in eng.module.parameters()) * 0.0
+    eng.backward(loss)
+    eng.step()
+    return eng
+
+
+def plain_tensors(engines: dict, ema: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The same tensors a checkpoint holds: 16-bit weights, fp32 master weights, Adam moments, EMA."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out = {}
+    for tag, eng in engines.items():
+        for name, p in eng.module.named_parameters():
+            out[f"{tag}.w.{name}"] = p.detach().clone()
+            out[f"{tag}.fp32.{name}"] = safe_get_full_fp32_param(p).clone()
+            out[f"{tag}.m.{name}"] = safe_get_full_optimizer_state(p, "exp_avg").clone()
+            out[f"{tag}.v.{name}"] = safe_get_full_optimizer_state(p, "exp_avg_sq").clone()
+    for name, t in ema.state_dict().items():
+        out[f"ema.{name}"] = t.clone()
+    return out
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_case(name: str, engines: dict, ema: torch.nn.Module, work: Path, repeats: int) -> dict:
+    run_dir = work / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    state = {"step": 0, "images": 0, "recipe": {"model": {}, "diffusion": {}}}
+    saves, loads = [], []
+    for i in range(repeats):
+        state["step"] = i + 1
+        saves.append(timed(lambda: checkpoint.save(run_dir, state["step"], engines, ema, state, keep_last=1)))
+    ck = checkpoint.ckpt_root(run_dir) / checkpoint.step_name(repeats)
+    nbytes = sum(f["size"] for f in checkpoint.read_manifest(ck)["files"].values())
+    for _ in range(repeats):
+        loads.append(timed(lambda: checkpoint.load(ck, engines, ema)))
+
+    tensors = plain_tensors(engines, ema)
+    plain = work / f"{name}-plain.pt"
+
+    def plain_save() -> None:
+        with open(plain, "wb") as f:
+            torch.save(tensors, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    psaves = [timed(plain_save) for _ in range(repeats)]
+    pbytes = plain.stat().st_size
+    ploads = [timed(lambda: torch.load(plain, weights_only=True)) for _ in range(repeats)]
+    plain.unlink()
+    mb = 1e6
+    res = {"case": name, "checkpoint_MB": round(nbytes / mb), "plain_MB": round(pbytes / mb),
+           "save_s": round(min(saves), 2), "save_MB_s": round(nbytes / mb / min(saves)),
+           "load_s": round(min(loads), 2), "load_MB_s": round(nbytes / mb / min(loads)),
+           "plain_save_s": round(min(psaves), 2), "plain_save_MB_s": round(pbytes / mb / min(psaves)),
+           "plain_load_s": round(min(ploads), 2), "plain_load_MB_s": round(pbytes / mb / min(ploads))}
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def start_weed(state: Path) -> tuple[subprocess.Popen, str, StorageConfig]:
+    key, secret = "WFBENCHKEY", "wf-bench-secret-0123456789"
+    (state / "s3.json").write_text(json.dumps({"identities": [{
+        "name": "admin", "credentials": [{"accessKey": key, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    ports: list[int] = []
+    while len(ports) < 5:
+        p = free_port()
+        if p + 10000 < 65536 and p not in ports:
+            ports.append(p)
+    s3, master, volume, filer, admin = ports
+    (state / "data").mkdir(exist_ok=True)
+    weed = Path(sys.executable).parent / "weed"
+    proc = subprocess.Popen(
+        [str(weed), "mini", f"-dir={state / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         f"-s3.config={state / 's3.json'}", f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}",
+         f"-filer.port={filer}", f"-admin.port={admin}", f"-filer.localSocket={state / 'filer.sock'}",
+         f"-s3.localSocket={state / 's3.sock'}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
+         "-s3.port.lance=0", "-master.telemetry=false"],
+        stdout=open(state / "weed.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{s3}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            time.sleep(0.1)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+                 region_name="us-east-1").create_bucket(Bucket="bench")
+    return proc, "s3://bench/ckpt", StorageConfig(endpoint_url=endpoint, access_key=key, secret_key=secret)
+
+
+def bench_stall(ckpt: Path, work: Path) -> dict:
+    """Step time of a small CPU training loop alone and during a background upload of `ckpt`."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 512))
+    opt = torch.optim.Adam(net.parameters(), 1e-4)
+    x = torch.randn(64, 512)
+
+    def step() -> None:
+        loss = net(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def loop(seconds: float, until=None) -> list[float]:
+        times, t_end = [], time.perf_counter() + seconds
+        while (until() if until else time.perf_counter() < t_end):
+            times.append(timed(step))
+        return times
+
+    for _ in range(20):
+        step()
+    alone = loop(10.0)
+    state = work / "weed"
+    state.mkdir(exist_ok=True)
+    proc, url, scfg = start_weed(state)
+    try:
+        up = checkpoint.Uploader(url, scfg)
+        t0 = time.perf_counter()
+        up.submit(ckpt)
+        busy = loop(0, until=lambda: bool(up.pending()))
+        up_s = time.perf_counter() - t0
+        errors = up.wait()
+        after = loop(10.0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    nbytes = sum(f["size"] for f in checkpoint.read_manifest(ckpt)["files"].values())
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    res = {"case": "upload_stall", "upload_MB": round(nbytes / 1e6), "upload_s": round(up_s, 1),
+           "upload_MB_s": round(nbytes / 1e6 / up_s, 1), "upload_errors": errors,
+           "step_ms_alone": round(1e3 * med(alone), 2), "step_ms_during_upload": round(1e3 * med(busy), 2),
+           "step_ms_after": round(1e3 * med(after), 2),
+           "slowdown_during_upload": round(med(busy) / med(alone), 2), "steps_during_upload": len(busy)}
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def main() -> None:
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    work = Path(args.get("dir", tempfile.gettempdir() + "/wf-ckpt-bench"))
+    repeats = int(args.get("repeats", 2))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    results = []
+
+    cfg = config.load("celebahq256")
+    G, D = models.build_generator(cfg.model, cfg.diffusion), models.build_discriminator(cfg.model, cfg.diffusion)
+    ema = copy.deepcopy(G).requires_grad_(False)
+    engines = {"G": engine(G), "D": engine(D)}
+    results.append(bench_case("celebahq256_G+D", engines, ema, work, repeats))
+    ck256 = checkpoint.ckpt_root(work / "celebahq256_G+D") / checkpoint.step_name(repeats)
+    if args.get("upload", "1") == "1":
+        results.append(bench_stall(ck256, work))
+    del engines, G, D, ema
+
+    cfg = config.load("celebahq1024")
+    G = models.build_generator(cfg.model, cfg.diffusion)
+    ema = copy.deepcopy(G).requires_grad_(False)
+    results.append(bench_case("celebahq1024_G", {"G": engine(G)}, ema, work, repeats))
+    shutil.rmtree(work, ignore_errors=True)
+    print("RESULTS " + json.dumps(results))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from waveforge import config
 from waveforge.data import (
     DataError,
@@ -288,15 +289,14 @@ def test_corrupt_sample_is_replaced_and_counted(synth, tmp_path):
             strict.next_step()
 
 
-def test_missing_shard_is_reported_and_skipped(synth, tmp_path, capfd):
+def test_missing_shard_is_reported_and_skipped(synth, tmp_path):
     url = _copy_dataset(synth, tmp_path / "m")
     Path(url, "shard-000007.tar").unlink()
     ld = ShardLoader(url, global_batch=G, rank=0, world=1, num_workers=2)
     flat = [k for _ in range(19) for mb in ld.next_step() for k in mb["key"]]
     assert len(flat) == 19 * G and not any("000000161" <= k <= "000000183" for k in flat)
-    assert ld.stats()["missing_shards"] >= 1
+    assert ld.stats()["missing_shards"] == 1  # counted in the worker process that read it
     ld.close()
-    assert "shard-000007.tar is missing" in capfd.readouterr().err
     strict = ShardLoader(url, global_batch=G, rank=0, world=1, on_error="fail")
     with pytest.raises(DataError, match="shard-000007.tar"):
         for _ in range(19):

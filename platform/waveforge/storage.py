@@ -325,7 +325,21 @@ def remove(url: str, scfg: StorageConfig | None = None, recursive: bool = False,
     with_retries(rm, url, "deleting", retries=retries, scfg=scfg)
 
 
-def makedirs(url: str, scfg: StorageConfig | None = None) -> None:
-    """Create a local folder (object stores have no folders: no-op there)."""
+def makedirs(url: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES) -> None:
+    """Create a local folder; for an object-store URL, create its bucket if it does not exist yet."""
     if is_local(url):
         os.makedirs(local_path(url), exist_ok=True)
+        return
+    b = bucket(url)
+    fs, _ = filesystem(url, scfg)
+    root = f"{scheme(url)}://{b}"
+
+    def make() -> None:
+        fs.invalidate_cache(b)
+        if not fs.exists(b):
+            try:
+                fs.mkdir(b)
+            except FileExistsError:
+                pass
+
+    with_retries(make, root, "creating bucket", retries=retries, scfg=scfg)

@@ -4,19 +4,25 @@
     ensure_dataset(cfg)                              the recipe's manifest URL (draws the synthetic set if allowed)
     ShardLoader(url, global_batch=..., rank=..., world=...) / from_config(cfg, rank, world, grad_accum)
     iterate_dataset(url, rank=..., world=..., batch_size=...)   canonical order, for FID reference statistics
+
+Names are imported lazily, so the shard-writing worker processes never import torch.
 """
 
-from waveforge.data.loader import (
-                                   DataError,
-                                   Plan,
-                                   ShardLoader,
-                                   from_config,
-                                   iterate_dataset,
-                                   num_streams,
-                                   register_gopen,
-)
-from waveforge.data.shards import ensure_dataset, make_shards, manifest_url, read_manifest
-from waveforge.data.synthetic import synthetic_image
+from __future__ import annotations
 
-__all__ = ["DataError", "Plan", "ShardLoader", "ensure_dataset", "from_config", "iterate_dataset", "make_shards",
-           "manifest_url", "num_streams", "read_manifest", "register_gopen", "synthetic_image"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DataError": "loader", "Plan": "loader", "ShardLoader": "loader", "from_config": "loader",
+    "iterate_dataset": "loader", "num_streams": "loader", "register_gopen": "loader",
+    "ensure_dataset": "shards", "make_shards": "shards", "manifest_url": "shards", "read_manifest": "shards",
+    "synthetic_image": "synthetic",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"waveforge.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'waveforge.data' has no attribute {name!r}")

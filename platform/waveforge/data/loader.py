@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import functools
 import hashlib
 import io
 import math
@@ -425,6 +426,7 @@ class StreamReader:
 
     def steps(self) -> Iterator[dict[str, Any]]:
         """Per step: {"streams": [...], "image": uint8 (len(streams)*G/S,3,R,R), "key": [...], "stats": {...}}."""
+        register_gopen(self.scfg)  # also in worker processes (a fresh interpreter without the parent's handlers)
         self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-read")
         try:
             iters = [self._stream(s) for s in self.streams]
@@ -454,6 +456,26 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
         w = info.id if info is not None else 0
         torch.set_num_threads(1)
         return self.make_reader(self.streams[w::self.num_workers]).steps()
+
+
+def worker_context() -> Any:
+    """A multiprocessing context for worker processes that inherit no open storage connections.
+
+    A forked child shares the parent's sockets and fsspec's event-loop state: after it, the parent's pooled
+    S3 connections can stall. A forkserver child starts from a clean server process (which preloads this
+    module, so workers start in milliseconds, not the seconds of importing torch; the server is started
+    once per process and shared by the shard writers and every loader).
+    """
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    try:
+        ctx.set_forkserver_preload(["waveforge.data.loader", "waveforge.data.shards", "webdataset", "s3fs"])
+    except Exception:  # noqa: BLE001 - preloading is an optimisation only
+        pass
+    return ctx
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,19 +533,21 @@ class ShardLoader:
 
     # ---- pipeline ----
 
-    def _reader(self, streams: list[int]) -> StreamReader:
-        return StreamReader(self.manifest, self.root, self.plan, streams, self.per_stream, self._step,
-                            hflip=self.hflip, on_error=self.on_error, retries=self.retries, scfg=self.scfg,
-                            cache_dir=self.cache_dir)
+    def _reader_factory(self) -> Any:
+        """StreamReader(streams) with everything else bound (picklable: sent to the worker processes)."""
+        return functools.partial(_make_reader, self.manifest, self.root, self.plan, self.per_stream, self._step,
+                                 hflip=self.hflip, on_error=self.on_error, retries=self.retries, scfg=self.scfg,
+                                 cache_dir=self.cache_dir)
 
     def _start(self) -> None:
         self.close()
         if self.num_workers == 0:
-            self._it = self._reader(self.my_streams).steps()
+            self._it = self._reader_factory()(self.my_streams).steps()
             return
-        ds = _WorkerDataset(self._reader, self.my_streams, self.num_workers)
+        ds = _WorkerDataset(self._reader_factory(), self.my_streams, self.num_workers)
         self._dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                               prefetch_factor=2, persistent_workers=False, in_order=True)
+                                               prefetch_factor=2, persistent_workers=False, in_order=True,
+                                               multiprocessing_context=worker_context())
         self._it = iter(self._dl)
 
     def next_step(self) -> list[dict[str, Any]]:
@@ -592,6 +616,11 @@ class ShardLoader:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _make_reader(manifest: dict[str, Any], root: str, plan: Plan, per_stream: int, start_step: int,
+                 streams: list[int], **kw: Any) -> StreamReader:
+    return StreamReader(manifest, root, plan, streams, per_stream, start_step, **kw)
 
 
 def from_config(cfg: Any, rank: int, world: int, grad_accum: int) -> ShardLoader:

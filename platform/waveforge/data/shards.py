@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing as mp
 import os
 import tarfile
 import time
@@ -260,6 +259,7 @@ def make_shards(source: str, output: str, resolution: int, *, num_samples: int |
                 "resolution": resolution, "encoding": encoding,
                 "quality": quality if encoding != "png" else None, "prefix": prefix}
 
+    storage.makedirs(output, storage_cfg)  # local folder, or the bucket
     existing = _read_json(manifest_url(output), storage_cfg)
     if existing is not None and existing.get("settings", {}) != settings:
         raise ConfigError(f"{output} already holds a dataset made with other settings "
@@ -271,7 +271,6 @@ def make_shards(source: str, output: str, resolution: int, *, num_samples: int |
             samples_per_shard = _estimate_per_shard(kind, source, seed, names, resolution, encoding, quality,
                                                     shard_mb)
     n_shards = math.ceil(len(names) / samples_per_shard)
-    storage.makedirs(output, storage_cfg)
 
     jobs, records = [], {}
     for k in range(n_shards):
@@ -301,7 +300,9 @@ def make_shards(source: str, output: str, resolution: int, *, num_samples: int |
             records[k] = _write_shard(job)
             bar.update(len(job["items"]))
     else:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        from waveforge.data.loader import worker_context  # no fork: see worker_context
+
+        ctx = worker_context()
         with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
             futures = {pool.submit(_write_shard, job): (k, len(job["items"])) for k, job in jobs}
             for fut in cf.as_completed(futures):

@@ -412,8 +412,8 @@ class Tracker:
             try:
                 rec = self._queue.get(timeout=wait) if wait is None or wait > 0 else self._queue.get_nowait()
                 while True:  # take everything queued now, so that metrics go out in large batches
-                    if rec is _STOP:
-                        stop = True
+                    if rec is _STOP:  # closing: retry now, then every <= 2 s until close's timeout
+                        stop, next_try, backoff = True, 0.0, 0.5
                     else:
                         self._take(rec)
                     rec = self._queue.get_nowait()

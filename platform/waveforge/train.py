@@ -134,6 +134,21 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
     dist.print0(f"run folder: {run_dir}\nranks: {world} x micro-batch {micro} x accumulation {grad_accum} "
                 f"= global batch {cfg.train.batch_size}; {last_step} steps")
 
+    if cfg.eval.every_images:  # fail now, not hours in: the feature extractor (Inception weights) must load
+        from waveforge import evaluate
+
+        error = None
+        if rank == 0:  # first (a download lands once), then the others from the cache
+            try:
+                evaluate.cached_feature_extractor(cfg.eval, device)
+            except Exception as e:  # noqa: BLE001 - raised on every rank below
+                error = str(e)
+        error = dist.broadcast_object(error)
+        if error:
+            raise config.ConfigError(f"eval.every_images={cfg.eval.every_images} needs FID features: {error}")
+        if rank != 0:
+            evaluate.cached_feature_extractor(cfg.eval, device)
+
     # Data: the seeded, resumable stream of global batches (this rank's share).
     data.ensure_dataset(cfg)
     loader = data.from_config(cfg, rank=rank, world=world, grad_accum=grad_accum)
@@ -190,8 +205,18 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
             "gpus": str(world if device.type == "cuda" else 0)}
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-    tracker = tracking.open_tracker(cfg, run_dir, state.get("run_id"), tags, rank)
-    run_id = dist.broadcast_object(getattr(tracker, "run_id", None))
+    # Tracking: rank 0 opens (or continues) the MLflow run; every rank learns its id, or the error.
+    tracker: Any = tracking.NullTracker()
+    error = None
+    if rank == 0:
+        try:
+            tracker = tracking.open_tracker(cfg, run_dir, state.get("run_id") or tracking.read_run_id(run_dir),
+                                            tags, rank, system_metrics=cfg.tracking.enabled)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            error = f"{type(e).__name__}: {e}"
+    run_id, error = dist.broadcast_object((getattr(tracker, "run_id", None), error))
+    if error:
+        raise RuntimeError(f"tracking could not start ({tracking.tracking_uri(cfg, run_dir)}): {error}")
     if rank == 0 and ckpt is None:
         tracker.log_artifact(run_dir / "recipe.yaml")
 

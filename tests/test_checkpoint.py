@@ -360,7 +360,10 @@ def test_object_storage_round_trip(s3_server, tmp_path: Path, monkeypatch: pytes
 
     scfg = StorageConfig(endpoint_url=s3_server.endpoint_url)
     assert storage.read_text(url + "/latest", scfg).strip() == "step-000000004"
-    assert storage.listdir(url, scfg) == ["latest", "step-000000004"]  # remote keep_last=1
+    # remote keep_last=1: step 2 is gone (SeaweedFS may keep an empty folder entry; no object is left)
+    assert checkpoint._remote_checkpoints(url, scfg) == ["step-000000004"]
+    fs, path = storage.filesystem(url, scfg)
+    assert fs.du(path + "/step-000000002") == 0
     # Lose the local checkpoints: resume=auto fetches the newest from object storage, exactly.
     import shutil
 

@@ -302,6 +302,68 @@ def test_state_must_be_plain_data() -> None:
         checkpoint._check_plain({"loader": {"order": np.arange(3)}})
 
 
+class _FakeEngine:
+    """Stands in for a DeepSpeed engine in one-process tests of publication, pruning and upload."""
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        assert not save_latest
+        Path(save_dir, tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.arange(4)}, Path(save_dir, tag, "mp_rank_00_model_states.pt"))
+
+    def zero_optimization_stage(self) -> int:
+        return 2
+
+
+def _fake_save(run_dir: Path, step: int, **kw: object) -> Path:
+    state = {"step": step, "images": step * 10, "recipe": {"model": {}, "diffusion": {}}}
+    return checkpoint.save(run_dir, step, {"G": _FakeEngine(), "D": _FakeEngine()}, torch.nn.Linear(2, 2), state,
+                           **kw)
+
+
+def test_publication_pruning_and_milestones(tmp_path: Path) -> None:
+    root = checkpoint.ckpt_root(tmp_path)
+    (root / ".tmp-000000007").mkdir(parents=True)  # leftover of a killed save
+    for step in range(1, 8):
+        _fake_save(tmp_path, step, keep_last=2, milestone_every_images=25)
+    # newest 2 + milestones (first checkpoint at or after 25, 50 images: steps 3 and 5)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000000003", "step-000000005",
+                                                      "step-000000006", "step-000000007"]
+    assert (root / "latest").read_text() == "step-000000007\n"
+    assert checkpoint.read_manifest(root / "step-000000003")["milestone"]
+    m = checkpoint.read_manifest(root / "step-000000007")
+    assert m["world"] == 1 and m["images"] == 70 and set(m["files"]) == {
+        "G/mp_rank_00_model_states.pt", "D/mp_rank_00_model_states.pt", "ema.safetensors", "state.pt",
+        "rng/rank-00000.pt"}
+    # re-saving an existing step (after resuming an older checkpoint) replaces it
+    _fake_save(tmp_path, 6, keep_last=2)
+    assert checkpoint.is_complete(root / "step-000000006", hashes=True)
+    with pytest.raises(ValueError, match="uploader"):
+        _fake_save(tmp_path, 8, keep_last=2, url="s3://b/x")
+    with pytest.raises(TypeError, match="ndarray"):
+        import numpy as np
+
+        checkpoint.save(tmp_path, 9, {}, torch.nn.Linear(1, 1), {"x": np.zeros(2)}, keep_last=1)
+
+
+def test_uploader_to_a_folder_and_failures_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    remote = tmp_path / "remote"
+    up = checkpoint.Uploader(str(remote), keep_last=1, retries=1, backoff_s=0.01)
+    for step in (1, 2):
+        _fake_save(tmp_path / "run", step, keep_last=1, url=str(remote), uploader=up)
+    assert up.wait() == 0
+    assert (remote / "latest").read_text() == "step-000000002\n"
+    assert not (remote / "step-000000001").exists() and checkpoint.is_complete(remote / "step-000000002", True)
+    # resume=auto prefers the remote copy when it is newer than the local one
+    got = checkpoint.find_resume(tmp_path / "fresh", "auto", url=str(remote))
+    assert got == checkpoint.ckpt_root(tmp_path / "fresh") / "step-000000002" and checkpoint.is_complete(got, True)
+    # an upload that cannot succeed is retried, reported loudly and counted, never silently dropped
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    bad = checkpoint.Uploader(str(tmp_path / "blocker" / "sub"), retries=1, backoff_s=0.01)
+    bad.submit(checkpoint.ckpt_root(tmp_path / "run") / "step-000000002")
+    assert bad.wait() == 1 and bad.failed == ["step-000000002"]
+    assert "CHECKPOINT UPLOAD FAILED" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------------

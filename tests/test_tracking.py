@@ -82,6 +82,22 @@ def test_resume_with_changed_training_field_names_it(runs_root: Path) -> None:
     assert str(e.value).count("->") == 1  # only the changed field is named
 
 
+def test_system_metrics_carry_the_node_id(runs_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_NODE_ID", raising=False)
+    t = tracking.open_tracker(_cfg("sysm"), runs_root / "sysm", None, {}, rank=0, system_metrics=True)
+    time.sleep(2.0)
+    assert t.close() == 0
+    keys = MlflowClient(f"sqlite:///{runs_root}/mlflow.db").get_run(t.run_id).data.metrics
+    prefix = f"system/{socket.gethostname()}/"
+    assert any(k.startswith(prefix + "cpu_utilization_percentage") for k in keys), sorted(keys)
+
+
 def test_null_tracker_and_disabled(tmp_path: Path) -> None:
     cfg = _cfg()
     for tr in (tracking.open_tracker(cfg, tmp_path / "a", None, {}, rank=1),
@@ -179,15 +195,21 @@ def test_mlflow_ui_run_page_in_headless_chromium(mlflow_server, tmp_path: Path) 
         t.log_metrics({"loss_generator": 1.0 / (s + 1)}, step=s)
     assert t.close("FINISHED") == 0
     exp_id = MlflowClient(mlflow_server.uri).get_run(t.run_id).info.experiment_id
-    url = f"{mlflow_server.uri}/#/experiments/{exp_id}/runs/{t.run_id}"
+    page = f"{mlflow_server.uri}/#/experiments/{exp_id}/runs/{t.run_id}"
+    mode = "?workflowType=machine_learning"  # the classic "Model training" UI (it opens in GenAI mode)
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--window-size=1400,900", "--virtual-time-budget=10000"]
-    shot = tmp_path / "mlflow-run-page.png"
-    subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / 'chrome1'}", f"--screenshot={shot}", url],
-                   capture_output=True, timeout=120, check=True)
-    print(f"MLflow UI screenshot: {shot}")
-    assert shot.stat().st_size > 10_000
-    dom = subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / 'chrome2'}", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
-    assert "ui-visible-run" in dom and "loss_generator" in dom
+
+    def chrome(profile: str, *args: str) -> str:
+        return subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / profile}", *args],
+                              capture_output=True, text=True, timeout=120, check=True).stdout
+
+    shots = {"overview": (tmp_path / "mlflow-run-page.png", page + mode),
+             "chart": (tmp_path / "mlflow-run-metrics.png", page + "/model-metrics" + mode)}
+    for name, (shot, url) in shots.items():
+        chrome(f"chrome-{name}", f"--screenshot={shot}", url)
+        print(f"MLflow UI screenshot ({name}): {shot}")
+        assert shot.stat().st_size > 10_000
+    dom = chrome("chrome-dom", "--dump-dom", page + mode)
+    assert "ui-visible-run" in dom and "loss_generator" in dom and "Finished" in dom

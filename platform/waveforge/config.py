@@ -83,7 +83,7 @@ class DataConfig:
     synthetic_if_missing: bool = False  # embedded default: draw synthetic shards there if none exist
     synthetic_samples: int = 2048  # size of that synthetic set
     num_workers: int = 2  # DataLoader workers per rank
-    shuffle_buffer: int = 1000  # samples in the shuffle buffer (within the seeded shard order)
+    shuffle_buffer: int = 1000  # mixing window: samples permuted together across consecutive shards (0 = in-shard only)
     hflip: bool = True  # random horizontal flip augmentation
     cache_dir: str = ""  # local cache of downloaded shards ("" = none)
     on_error: Literal["skip", "fail"] = "skip"  # corrupt sample / missing shard: skip and count, or stop

@@ -23,7 +23,7 @@ JOB_KEYS = {
     "num_samples": "use the first N images (sorted order); required for source=synthetic",
     "encoding": "png (default, lossless), jpg or webp",
     "quality": "jpg/webp quality 1-100 (default 95)",
-    "shard_mb": "target shard size in MiB (default 64)",
+    "shard_mb": "target shard size in MiB (default 32; a loader stream holds ~2 shards in memory)",
     "samples_per_shard": "exact samples per shard (overrides shard_mb)",
     "workers": "parallel encoder processes (default 1)",
     "seed": "seed of the synthetic source (default 0)",

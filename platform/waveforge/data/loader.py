@@ -329,7 +329,7 @@ class StreamReader:
         assert self._pool is not None
         fut = self._pool.submit(self._load, shard)
         self._cache[shard] = fut
-        while len(self._cache) > 2 * len(self.streams) + 2:
+        while len(self._cache) > len(self.streams) + 2:
             self._cache.popitem(last=False)
         return fut
 
@@ -399,8 +399,8 @@ class StreamReader:
         blocks = self.plan.blocks(s, p0)
         pending: collections.deque = collections.deque()
 
-        def fill() -> None:
-            while len(pending) < 2:
+        def fill() -> None:  # keep the next block's shards loading while this one is consumed
+            while len(pending) < 1:
                 blk = next(blocks)
                 pending.append((blk, [self._submit(piece[1]) for piece in blk[1]]))
 

@@ -230,7 +230,7 @@ def _estimate_per_shard(kind: str, source: str, seed: int, names: list[str], res
 
 
 def make_shards(source: str, output: str, resolution: int, *, num_samples: int | None = None,
-                encoding: str = "png", quality: int = 95, shard_mb: float = 64.0, samples_per_shard: int = 0,
+                encoding: str = "png", quality: int = 95, shard_mb: float = 32.0, samples_per_shard: int = 0,
                 workers: int = 1, seed: int = 0, prefix: str = "shard", storage_cfg: StorageConfig | None = None,
                 progress: bool = True) -> dict[str, Any]:
     """Write `source` (folder, .zip or 'synthetic') as WebDataset tar shards + index.json at `output`.

@@ -171,3 +171,25 @@ def test_requeue_without_signal_resumes_from_latest_checkpoint(slurm_cluster, s3
     every = cfg.checkpoint.every_images // cfg.train.batch_size
     assert resumed >= last_logged - every, f"resumed at {resumed}, killed after {last_logged}: lost > {every} steps"
     assert _rows(run_dir)[-1]["step"] == 20
+
+
+@pytest.mark.slow
+def test_local_cluster_runs_the_embedded_default(tmp_path: Path) -> None:
+    """The README's laptop command: cluster=local runs the job as local processes (2 ranks here), with the
+    synthetic data drawn on first use, the embedded MLflow store, a final evaluation and sample grid."""
+    run = tmp_path / "runs" / "tiny" / "local"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    r = subprocess.run([sys.executable, "jobs/submit.py", "recipe=tiny", "cluster=local", "tasks_per_node=2",
+                        f"run.dir={run}", f"data.url={tmp_path / 'data'}", "data.synthetic_samples=256",
+                        "train.max_steps=4", "train.log_every_images=32", "eval.every_images=64",
+                        "eval.num_samples=32", "eval.grid_size=4", "eval.feature_extractor="
+                        "tests.feature_extractors:random_conv32", "data.num_workers=0"],
+                       cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "submitted train job" in r.stdout and str(run) in r.stdout
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4
+    assert list((run / "samples").glob("grid-*.png")), "no sample grid"
+    assert (tmp_path / "data" / "index.json").exists()
+    assert (tmp_path / "runs" / "tiny" / "mlflow.db").exists()
+    assert "eval at step 4" in r.stdout and "fid" in r.stdout

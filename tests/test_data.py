@@ -333,3 +333,54 @@ def test_ensure_dataset_draws_synthetic_set_once(tmp_path):
     cfg2 = config.load("tiny", {"data.url": str(tmp_path / "none"), "data.synthetic_if_missing": False})
     with pytest.raises(config.ConfigError, match="make_shards"):
         ensure_dataset(cfg2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage: options, transient errors, unreachable endpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def test_storage_options_from_recipe_or_environment(monkeypatch):
+    from waveforge import storage
+    from waveforge.config import StorageConfig
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env:1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "envkey")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecret")
+    opts = storage.storage_options(None, "s3://b/x")
+    assert opts["client_kwargs"]["endpoint_url"] == "http://env:1" and opts["key"] == "envkey"
+    opts = storage.storage_options(StorageConfig(endpoint_url="http://cfg:2", access_key="k", secret_key="s",
+                                                 region="eu-1"), "s3://b/x")
+    assert opts["client_kwargs"] == {"endpoint_url": "http://cfg:2", "region_name": "eu-1"}
+    assert (opts["key"], opts["secret"]) == ("k", "s") and storage.storage_options(None, "/tmp/x") == {}
+
+
+def test_unreachable_endpoint_is_a_clear_error():
+    from waveforge import storage
+    from waveforge.config import StorageConfig
+
+    dead = StorageConfig(endpoint_url="http://127.0.0.1:9", access_key="a", secret_key="b")
+    with pytest.raises(storage.StorageError, match=r"s3://bucket/x .*unreachable.*endpoint"):
+        storage.with_retries(lambda: storage.filesystem("s3://bucket/x", dead)[0].cat_file("bucket/x"),
+                             "s3://bucket/x", "reading", retries=1, scfg=dead, base_delay=0.05)
+
+
+def test_transient_read_errors_are_retried(synth, monkeypatch):
+    import webdataset
+
+    from waveforge import storage
+
+    expected, _ = run_keys(synth, 1, 3)
+    monkeypatch.setattr(storage, "BASE_DELAY_S", 0.01)
+    real, calls = webdataset.gopen, {"n": 0}
+
+    def flaky(url, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise ConnectionResetError("connection reset by peer (injected)")
+        return real(url, *args, **kw)
+
+    monkeypatch.setattr(webdataset, "gopen", flaky)
+    ld = ShardLoader("file://" + synth + "/index.json", global_batch=G, rank=0, world=1, seed=3)
+    got = [[k for mb in ld.next_step() for k in mb["key"]] for _ in range(3)]
+    assert got == expected and ld.stats()["read_retries"] == 2

@@ -171,13 +171,14 @@ def explain(exc: BaseException, url: str, what: str, scfg: StorageConfig | None 
 
 def with_retries(fn: Callable[[], T], url: str, what: str, *, retries: int = DEFAULT_RETRIES,
                  scfg: StorageConfig | None = None, on_retry: Callable[[int, BaseException], None] | None = None,
-                 base_delay: float = BASE_DELAY_S) -> T:
+                 base_delay: float | None = None) -> T:
     """Call fn(); retry transient errors up to `retries` times with exponential backoff + jitter.
 
     FileNotFoundError (object or file absent) passes through unchanged (callers decide what absent means),
     unless the bucket itself is missing; every other failure becomes a StorageError naming `url`.
     `on_retry(attempt, exc)` is called before each retry (counters, logs).
     """
+    base_delay = BASE_DELAY_S if base_delay is None else base_delay
     attempt = 0
     while True:
         try:

@@ -378,6 +378,8 @@ class StreamReader:
                 if d == n_sh:
                     raise DataError(f"no readable shard in {self.root} (last error: {sh.error})")
                 src = int(lay.perm[(i + d) % n_sh])
+                if self.plan.counts[src] == 0:
+                    continue
                 sub = shards.get(src)
                 if sub is None:
                     sub = shards[src] = self._submit(src).result()

@@ -49,16 +49,28 @@ stop_pid() {
     done
   fi
   # Our start scripts run each service in its own session (setsid): take down any worker it left.
-  if pgrep -g "$pid" >/dev/null 2>&1; then
+  if group_alive "$pid"; then
     kill -TERM -- "-$pid" 2>/dev/null || true
     for ((i = 0; i < 50; i++)); do
-      pgrep -g "$pid" >/dev/null 2>&1 || break
+      group_alive "$pid" || break
       sleep 0.1
     done
     kill -KILL -- "-$pid" 2>/dev/null || true
   fi
   rm -f "$pidfile"
   echo "$name: stopped (pid $pid)"
+}
+
+# group_alive PGID: true while any process is in process group PGID (read from /proc: no procps needed).
+group_alive() {
+  local want=$1 stat rest fields
+  for stat in /proc/[0-9]*/stat; do
+    read -r rest 2>/dev/null <"$stat" || continue
+    rest=${rest##*) }  # the fields after "pid (comm) ": state ppid pgrp ...
+    read -r -a fields <<<"$rest"
+    [ "${fields[2]:-}" = "$want" ] && return 0
+  done
+  return 1
 }
 
 # http_status URL: prints the HTTP status code of a GET (000 if nothing answers). Uses the venv's

@@ -1,8 +1,11 @@
 """Smoke tests of the local infrastructure (infra/*/start.sh through the conftest fixtures): each real
-service does its job, and every socket it listens on is bound to 127.0.0.1."""
+service does its job, and every socket it listens on is bound to 127.0.0.1 (checked from /proc/net/tcp*,
+the same table `ss -ltnp` shows)."""
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -12,14 +15,42 @@ import pytest
 pytestmark = pytest.mark.services
 
 
-def _listening_pids_and_addrs() -> list[tuple[str, str]]:
-    """(local address, process description) of every listening TCP socket, from `ss -ltnp`."""
-    out = subprocess.run(["ss", "-H", "-ltnp"], capture_output=True, text=True, check=True).stdout
-    rows = []
-    for line in out.splitlines():
-        parts = line.split()
-        rows.append((parts[3], " ".join(parts[5:])))
-    return rows
+def _listening_sockets() -> list[tuple[str, int]]:
+    """(local address "ip:port", pid) of every listening TCP socket, read from /proc (like `ss -ltnp`)."""
+    inode_addr: dict[str, str] = {}
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] != "0A":  # TCP_LISTEN
+                continue
+            hex_ip, hex_port = f[1].split(":")
+            raw = bytes.fromhex(hex_ip)
+            if v6:  # four little-endian 32-bit words
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                ip = str(ipaddress.IPv6Address(raw))
+            else:
+                ip = str(ipaddress.IPv4Address(raw[::-1]))
+            inode_addr[f[9]] = f"{ip}:{int(hex_port, 16)}"
+    out = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inode_addr:
+            out.append((inode_addr[target[8:-1]], int(fd.parent.parent.name)))
+    return out
+
+
+def _process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _process_tree(pidfile: Path) -> set[int]:
@@ -43,9 +74,8 @@ def _process_tree(pidfile: Path) -> set[int]:
 def _assert_loopback_only(names: tuple[str, ...] = (), pids: set[int] = frozenset()) -> int:
     """No listening socket of a process named in `names` or with a PID in `pids` is off 127.0.0.1.
     Returns how many sockets were checked."""
-    mine = [(addr, proc) for addr, proc in _listening_pids_and_addrs()
-            if any(f'"{n}"' in proc for n in names) or any(f"pid={p}," in proc for p in pids)]
-    offenders = [(addr, proc) for addr, proc in mine if not addr.startswith("127.0.0.1:")]
+    mine = {(addr, pid) for addr, pid in _listening_sockets() if pid in pids or _process_name(pid) in names}
+    offenders = sorted((addr, pid, _process_name(pid)) for addr, pid in mine if not addr.startswith("127.0.0.1:"))
     assert not offenders, f"sockets not bound to 127.0.0.1: {offenders}"
     return len(mine)
 
@@ -75,7 +105,7 @@ def test_slurm_two_nodes_one_task_each(slurm_two_nodes):
                slurm_two_nodes.env)
     assert sorted(out.split("\n")[:2]) == ["0 n1", "1 n2"]
     # Each node has its own slurmd listening on loopback (node ports P and P+1).
-    slurmd = [addr for addr, proc in _listening_pids_and_addrs() if '"slurmd"' in proc]
+    slurmd = {addr for addr, pid in _listening_sockets() if _process_name(pid) == "slurmd"}
     assert len(slurmd) >= 2 and all(a.startswith("127.0.0.1:") for a in slurmd), slurmd
     _assert_loopback_only(("slurmctld", "slurmd"))
 

@@ -10,13 +10,14 @@ Fixtures (tests that use them are marked `@pytest.mark.services`):
                    subprocess/submitit), .nodes, .conf; os.environ["SLURM_CONF"] is set while active
   slurm_two_nodes  (function) the same with two fake nodes n1, n2
   run_python       (function) run_python(code, env=None, timeout=120) -> CompletedProcess (checked)
+  chromium         (session) path of the Chromium binary (for headless UI checks)
 
 Each pytest session starts its own services in a temporary WAVEFORGE_INFRA_DIR on free ports, so they
 never collide with services a developer runs, and stops them (by PID, through infra/*/stop.sh) at the end.
 Slurm has ONE session cluster: the two Slurm fixtures restart it in the layout they need (~1.5 s) when
 the previous test used the other layout, so they cannot be used by the same test.
 
-A missing binary (weed, mlflow, slurmctld/munged) skips the test with the reason, unless the environment
+A missing binary (weed, mlflow, slurmctld/munged, chromium) skips the test with the reason, unless the environment
 variable WAVEFORGE_REQUIRE_SERVICES is set (CI sets it): then the test fails.
 """
 
@@ -109,6 +110,13 @@ def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 12
 @pytest.fixture(name="run_python")
 def run_python_fixture() -> Callable[..., subprocess.CompletedProcess]:
     return run_python
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    _need(path is not None, "chromium not installed (bash infra/system_packages.sh)")
+    return str(path)
 
 
 @pytest.fixture(scope="session")

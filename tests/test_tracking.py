@@ -4,7 +4,6 @@ SeaweedFS artifacts), resume rules, asynchronous logging through a server outage
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -80,6 +79,25 @@ def test_resume_with_changed_training_field_names_it(runs_root: Path) -> None:
     with pytest.raises(config.ConfigError, match=r"train\.lr_g: '0\.0002' -> '0\.0001'") as e:
         tracking.Tracker.open(_cfg("r", **{"train.lr_g": 1e-4}), run_dir, t.run_id, {})
     assert str(e.value).count("->") == 1  # only the changed field is named
+
+
+def test_exit_without_close_flushes_and_ends_killed(runs_root: Path, run_python) -> None:
+    from mlflow.tracking import MlflowClient
+
+    r = run_python(f"""
+        from pathlib import Path
+        from waveforge import config, tracking
+        cfg = config.load("tiny", {{"run.name": "noclose"}})
+        t = tracking.Tracker.open(cfg, Path({str(runs_root / "noclose")!r}), None, {{}})
+        for s in range(4):
+            t.log_metrics({{"loss": float(s)}}, step=s)
+        print(t.run_id)
+        """)
+    run_id = r.stdout.strip().splitlines()[-1]
+    assert "exiting without Tracker.close()" in r.stderr
+    client = MlflowClient(f"sqlite:///{runs_root}/mlflow.db")
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [0, 1, 2, 3]
 
 
 def test_system_metrics_carry_the_node_id(runs_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,12 +201,9 @@ def test_server_outage_buffers_and_delivers(mlflow_server_factory, tmp_path: Pat
 
 
 @pytest.mark.services
-def test_mlflow_ui_run_page_in_headless_chromium(mlflow_server, tmp_path: Path) -> None:
+def test_mlflow_ui_run_page_in_headless_chromium(mlflow_server, chromium: str, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium not installed (bash infra/system_packages.sh)")
     cfg = _cfg("ui-visible-run", **{"tracking.uri": mlflow_server.uri, "tracking.experiment": "trk-ui"})
     t = tracking.Tracker.open(cfg, tmp_path / "run", None, {})
     for s in range(5):

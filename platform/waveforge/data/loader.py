@@ -107,19 +107,25 @@ def parse_tar(data: bytes, url: str) -> list[dict[str, Any]]:
     return list(wti.group_by_keys(files))
 
 
-def decode_image(sample: dict[str, Any], resolution: int) -> torch.Tensor | None:
-    """uint8 (3,R,R) tensor of the sample's image, or None when missing, undecodable or the wrong size."""
+def decode_array(sample: dict[str, Any], resolution: int, flip: bool = False) -> np.ndarray | None:
+    """uint8 (R,R,3) array of the sample's image (mirrored if `flip`), or None when missing, undecodable or
+    the wrong size."""
     for ext in IMAGE_EXTS:
         if ext in sample:
             try:
                 with Image.open(io.BytesIO(sample[ext])) as im:
-                    arr = np.asarray(im.convert("RGB"))
+                    im = im if im.mode == "RGB" else im.convert("RGB")
+                    arr = np.asarray(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im)
             except Exception:  # noqa: BLE001 - any decoding failure is a corrupt sample
                 return None
-            if arr.shape != (resolution, resolution, 3):
-                return None
-            return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+            return arr if arr.shape == (resolution, resolution, 3) else None
     return None
+
+
+def decode_image(sample: dict[str, Any], resolution: int) -> torch.Tensor | None:
+    """uint8 (3,R,R) tensor of the sample's image, or None when missing, undecodable or the wrong size."""
+    arr = decode_array(sample, resolution)
+    return None if arr is None else torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 def _hash_bit(*values: int) -> int:
@@ -335,10 +341,12 @@ class StreamReader:
 
     # ---- sample selection with substitution ----
 
-    def _decoded(self, sh: _Shard, t: int) -> torch.Tensor | None:
+    def _decoded(self, sh: _Shard, t: int, e: int, shard: int) -> np.ndarray | None:
         if t in sh.bad or sh.samples is None or t >= len(sh.samples):
             return None
-        img = decode_image(sh.samples[t], self.resolution)
+        # The flip is decided per (seed, epoch, shard, sample), never by RNG state: it replays exactly.
+        flip = self.hflip and bool(_hash_bit(self.plan.seed, e, shard, t))
+        img = decode_array(sh.samples[t], self.resolution, flip)
         if img is None:
             sh.bad.add(t)
         return img
@@ -351,12 +359,13 @@ class StreamReader:
                 self._perms.popitem(last=False)
         return perm
 
-    def _pick(self, sh: _Shard, perm: np.ndarray, j: int) -> tuple[int, torch.Tensor] | None:
-        """(tar index, image) for slot j of the shard's permuted order, substituting corrupt samples."""
+    def _pick(self, sh: _Shard, e: int, shard: int, j: int) -> tuple[int, np.ndarray] | None:
+        """(tar index, image) for slot j of the shard's epoch-e permuted order, substituting corrupt samples."""
+        perm = self._perm(e, shard)
         n = len(perm)
         for d in range(n):
             t = int(perm[(j + d) % n])
-            img = self._decoded(sh, t)
+            img = self._decoded(sh, t, e, shard)
             if img is not None:
                 return t, img
             if d == 0:
@@ -366,10 +375,10 @@ class StreamReader:
                     raise DataError(f"corrupt or missing sample {key} in a shard (on_error=fail)")
         return None
 
-    def _sample(self, e: int, i: int, shard: int, j: int, shards: dict[int, _Shard]) -> tuple[str, torch.Tensor]:
+    def _sample(self, e: int, i: int, shard: int, j: int, shards: dict[int, _Shard]) -> tuple[str, np.ndarray]:
         """Key and image for sample j (in-shard permuted order) of `shard`, slot i of epoch e's shard order."""
         sh = shards[shard]
-        pick = self._pick(sh, self._perm(e, shard), j) if sh.samples is not None else None
+        pick = self._pick(sh, e, shard, j) if sh.samples is not None else None
         src = shard
         if pick is None:  # whole shard unusable: take the next readable shard of the epoch's permutation
             lay = self.plan.layout(e)
@@ -385,18 +394,15 @@ class StreamReader:
                     sub = shards[src] = self._submit(src).result()
                 if sub.samples is None:
                     continue
-                perm = self._perm(e, src)
-                pick = self._pick(sub, perm, j % len(perm))
+                pick = self._pick(sub, e, src, j % int(self.plan.counts[src]))
                 if pick is not None:
                     break
             assert pick is not None
             sh = shards[src]
         t, img = pick
-        if self.hflip and _hash_bit(self.plan.seed, e, src, t):
-            img = img.flip(-1)
         return sh.samples[t]["__key__"], img
 
-    def _stream(self, s: int) -> Iterator[tuple[str, torch.Tensor]]:
+    def _stream(self, s: int) -> Iterator[tuple[str, np.ndarray]]:
         p0 = self.start_step * self.per_stream
         blocks = self.plan.blocks(s, p0)
         pending: collections.deque = collections.deque()
@@ -441,7 +447,8 @@ class StreamReader:
                         images.append(img)
                 with self._lock:
                     stats = dict(self.stats)
-                yield {"streams": self.streams, "image": torch.stack(images), "key": keys, "stats": stats}
+                chw = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW here,
+                yield {"streams": self.streams, "image": chw, "key": keys, "stats": stats}  # in the workers
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -564,9 +571,9 @@ class ShardLoader:
             for n, s in enumerate(part["streams"]):
                 lo, hi = n * self.per_stream, (n + 1) * self.per_stream
                 by_stream[s] = (part["image"][lo:hi], part["key"][lo:hi])
-        images = torch.cat([by_stream[s][0] for s in self.my_streams])
+        chw = torch.cat([by_stream[s][0] for s in self.my_streams])
         keys = [k for s in self.my_streams for k in by_stream[s][1]]
-        images = images.float().div_(127.5).sub_(1.0)
+        images = chw.to(torch.float32).div_(127.5).sub_(1.0)  # NCHW float in [-1, 1]
         self._step += 1
         b = self.micro
         return [{"image": images[m * b:(m + 1) * b], "key": keys[m * b:(m + 1) * b]} for m in range(self.grad_accum)]

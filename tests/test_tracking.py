@@ -100,6 +100,31 @@ def test_exit_without_close_flushes_and_ends_killed(runs_root: Path, run_python)
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [0, 1, 2, 3]
 
 
+def test_two_processes_open_runs_in_one_fresh_embedded_store(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    code = """
+import sys
+from pathlib import Path
+from waveforge import config, tracking
+cfg = config.load("tiny", {"run.name": sys.argv[1]})
+t = tracking.Tracker.open(cfg, Path(sys.argv[2]) / sys.argv[1], None, {})
+t.log_metrics({"loss": 1.0}, step=0)
+assert t.close() == 0
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code, name, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+             for name in ("job-a", "job-b")]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    runs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("tiny").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["job-a", "job-b"]
+    assert all(r.info.status == "FINISHED" and r.data.metrics["loss"] == 1.0 for r in runs)
+
+
 def test_system_metrics_carry_the_node_id(runs_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
     import time

@@ -30,6 +30,8 @@ fi
 
 port=${WAVEFORGE_MLFLOW_PORT:-5001}
 workers=${WAVEFORGE_MLFLOW_WORKERS:-2}
+"$venv/bin/python" -c "import boto3" 2>/dev/null ||
+  die "boto3 is missing in $venv: the server's S3 artifact store needs it (pip install boto3==1.43.117)"
 port_free "$port" || die "port 127.0.0.1:$port is in use (set WAVEFORGE_MLFLOW_PORT)"
 [ -s "$s3_env" ] && pid_alive "$infra_root/s3/weed.pid" "weed" ||
   die "the object store is not running: start it first with bash infra/s3/start.sh"

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -60,6 +62,11 @@ def tracking_uri(cfg: config.Recipe, run_dir: Path) -> str:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    return embedded_uri(run_dir)
+
+
+def embedded_uri(run_dir: Path) -> str:
+    """The embedded default store of the runs beside `run_dir` (artifacts in <run_dir.parent>/mlartifacts)."""
     return f"sqlite:///{Path(run_dir).resolve().parent}/mlflow.db"
 
 
@@ -67,6 +74,23 @@ def read_run_id(run_dir: Path) -> str | None:
     """The MLflow run id a previous `Tracker.open` wrote to <run_dir>/tracking.json (None if none)."""
     path = Path(run_dir) / "tracking.json"
     return json.loads(path.read_text())["run_id"] if path.is_file() else None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """For an sqlite:/// store: an exclusive file lock beside the database, so that processes opening runs
+    at the same time (jobs sharing a runs folder) do not create its tables or experiment concurrently."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _param_value(v: Any) -> str:
@@ -169,47 +193,48 @@ class Tracker:
 
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        client = MlflowClient(tracking_uri=uri)
-        tags = {str(k): _tag_value(v) for k, v in tags.items()}
-        new_ids = [tags.pop(k) for k in ("slurm_job_id", "slurm_job_ids") if k in tags]
-        continued = run_id is not None
-        if not continued:
-            experiment = cfg.tracking.experiment or cfg.recipe or "waveforge"
-            exp = client.get_experiment_by_name(experiment)
-            if exp is None:
-                location = None
-                if uri.startswith("sqlite:///") and not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-                    location = (run_dir.resolve().parent / "mlartifacts").as_uri()
-                try:
-                    exp_id = client.create_experiment(experiment, artifact_location=location)
-                except Exception:  # created meanwhile by another run
-                    exp = client.get_experiment_by_name(experiment)
-                    if exp is None:
-                        raise
+        with _store_lock(uri):  # several processes may open runs in one embedded store at once
+            client = MlflowClient(tracking_uri=uri)
+            tags = {str(k): _tag_value(v) for k, v in tags.items()}
+            new_ids = [tags.pop(k) for k in ("slurm_job_id", "slurm_job_ids") if k in tags]
+            continued = run_id is not None
+            if not continued:
+                experiment = cfg.tracking.experiment or cfg.recipe or "waveforge"
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    location = None
+                    if uri == embedded_uri(run_dir):  # the default: artifacts beside the database
+                        location = (run_dir.resolve().parent / "mlartifacts").as_uri()
+                    try:
+                        exp_id = client.create_experiment(experiment, artifact_location=location)
+                    except Exception:  # created meanwhile by another run
+                        exp = client.get_experiment_by_name(experiment)
+                        if exp is None:
+                            raise
+                        exp_id = exp.experiment_id
+                else:
                     exp_id = exp.experiment_id
+                run = client.create_run(exp_id, run_name=cfg.run.name or run_dir.name)
+                run_id = run.info.run_id
+                params = [Param(k, _param_value(v)) for k, v in config.flat(cfg).items()]
+                for i in range(0, len(params), MAX_BATCH_PARAMS):
+                    client.log_batch(run_id, params=params[i:i + MAX_BATCH_PARAMS], synchronous=True)
+                client.set_tag(run_id, "recipe_hash", config.training_hash(cfg))
+                stored_tags: dict[str, str] = {}
             else:
-                exp_id = exp.experiment_id
-            run = client.create_run(exp_id, run_name=cfg.run.name or run_dir.name)
-            run_id = run.info.run_id
-            params = [Param(k, _param_value(v)) for k, v in config.flat(cfg).items()]
-            for i in range(0, len(params), MAX_BATCH_PARAMS):
-                client.log_batch(run_id, params=params[i:i + MAX_BATCH_PARAMS], synchronous=True)
-            client.set_tag(run_id, "recipe_hash", config.training_hash(cfg))
-            stored_tags: dict[str, str] = {}
-        else:
-            run = client.get_run(run_id)
-            stored_tags = dict(run.data.tags)
-            _check_same_training(cfg, run_id, run.data.params, stored_tags.get("recipe_hash"))
-            client.update_run(run_id, status="RUNNING")
-            exp_id = run.info.experiment_id
-        all_tags = dict(tags)
-        if new_ids or stored_tags.get("slurm_job_ids"):
-            all_tags["slurm_job_ids"] = _merge_job_ids(stored_tags.get("slurm_job_ids", ""), new_ids)
-            all_tags["slurm_job_id"] = new_ids[-1] if new_ids else stored_tags.get("slurm_job_id", "")
-        all_tags.setdefault("host", socket.gethostname())
-        for k, v in all_tags.items():
-            if v != "":
-                client.set_tag(run_id, k, v)
+                run = client.get_run(run_id)
+                stored_tags = dict(run.data.tags)
+                _check_same_training(cfg, run_id, run.data.params, stored_tags.get("recipe_hash"))
+                client.update_run(run_id, status="RUNNING")
+                exp_id = run.info.experiment_id
+            all_tags = dict(tags)
+            if new_ids or stored_tags.get("slurm_job_ids"):
+                all_tags["slurm_job_ids"] = _merge_job_ids(stored_tags.get("slurm_job_ids", ""), new_ids)
+                all_tags["slurm_job_id"] = new_ids[-1] if new_ids else stored_tags.get("slurm_job_id", "")
+            all_tags.setdefault("host", socket.gethostname())
+            for k, v in all_tags.items():
+                if v != "":
+                    client.set_tag(run_id, k, v)
 
         (run_dir / "tracking.json").write_text(json.dumps(
             {"run_id": run_id, "experiment_id": exp_id, "tracking_uri": uri}, indent=1) + "\n")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -161,17 +162,26 @@ def main() -> None:
     for fn, _ in samplers.values():  # warm-up (allocator, cuDNN autotuning, lazy init)
         fn()
     # Interleaved rounds: a shared or throttled machine slows both samplers alike.
+    # The process CPU time per batch is also shown on CPU: unlike wall time it hardly depends on how many
+    # other processes share the cores.
     times: dict[str, list[float]] = {name: [] for name in samplers}
+    cpu: dict[str, list[float]] = {name: [] for name in samplers}
     for _ in range(repeats):
         for name, (fn, _) in samplers.items():
+            c0 = time.process_time()
             times[name].append(sampling_speed(fn, batch, repeats=1, warmup=0)["s_per_batch"])
+            cpu[name].append(time.process_time() - c0)
     median = {name: statistics.median(t) for name, t in times.items()}
+    median_cpu = {name: statistics.median(t) for name, t in cpu.items()}
     for name, (_, n_params) in samplers.items():
         print(f"{name:<10}: {median[name]:8.3f} s/batch (median; min {min(times[name]):.3f})  "
-              f"{batch / median[name]:8.2f} images/s  G {n_params / 1e6:.3f}M params")
+              f"{batch / median[name]:8.2f} images/s  CPU {median_cpu[name]:.2f} s/batch  "
+              f"G {n_params / 1e6:.3f}M params")
     if "reference" in median:
         ratio = median["reference"] / median["waveforge"]
         print(f"speed-up (reference s/batch / waveforge s/batch): {ratio:.2f}x (target >= 1.25x)")
+        if device.type == "cpu":
+            print(f"CPU-time ratio (reference / waveforge): {median_cpu['reference'] / median_cpu['waveforge']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -140,8 +140,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             os.path.join(out_dir, "manifest.json"), lambda: iter(share.split(4)), ext, resolution=24,
             cache_url=os.path.join(out_dir, "cache"), kid=True, progress=False)
         scores = evaluate.metrics(real, fake, kid=True, kid_subsets=10, kid_subset_size=15)
+        cached = evaluate.reference_stats(  # the second time: read by every rank, features on rank 0 only
+            os.path.join(out_dir, "manifest.json"), lambda: iter(()), ext, resolution=24,
+            cache_url=os.path.join(out_dir, "cache"), kid=True, progress=False)
+        cached_scores = evaluate.metrics(cached, fake, kid=True, kid_subsets=10, kid_subset_size=15)
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump({"fake": fake, "real": real, "scores": scores}, f)
+            pickle.dump({"fake": fake, "real": real, "scores": scores, "cached": cached,
+                         "cached_scores": cached_scores}, f)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -173,6 +178,10 @@ def test_two_ranks_equal_one_rank(tmp_path):
     # features are gathered in rank order: here the data order, as the shares are contiguous)
     assert two[0]["scores"]["kid"] == pytest.approx(scores["kid"], rel=1e-5)
     assert two[0]["scores"] == two[1]["scores"]
+    for r in range(2):
+        assert two[r]["cached"].cached and two[r]["cached_scores"] == two[0]["scores"]
+        np.testing.assert_array_equal(two[r]["cached"].sigma, two[0]["real"].sigma)
+    assert two[0]["cached"].features is not None and two[1]["cached"].features is None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -529,7 +529,8 @@ def reference_stats(manifest_url: str, iterate: Callable[[], Iterable[torch.Tens
     cache_url: folder for `ref-<key>.npz` (mu, sigma, count, features if kid) + `ref-<key>.json` (the key);
         "" = a `fid-stats` folder next to the manifest. The JSON is written last and marks a complete file.
     Returns Stats with .cached (read from the cache) and .url. Prints "reference statistics: cached <url>"
-    or "reference statistics: computed ...".
+    or "reference statistics: computed ...". With kid, .features is set on rank 0 (where `metrics` computes
+    KID); on the other ranks only when computed now.
     """
     sha = error = ""
     if dist.rank() == 0:  # one reader; the others get its answer (or its error: no rank waits forever)
@@ -552,9 +553,17 @@ def reference_stats(manifest_url: str, iterate: Callable[[], Iterable[torch.Tens
         meta = json.loads(wf_storage.read_bytes(json_url, storage))
         hit = meta.get("key") == key and (not kid or meta.get("has_features", False))
     if dist.broadcast_object(hit):
-        with np.load(io.BytesIO(wf_storage.read_bytes(npz_url, storage))) as z:
-            stats = Stats(count=int(z["count"]), mu=z["mu"], sigma=z["sigma"],
-                          features=z["features"] if kid else None, cached=True, url=npz_url)
+        fs, path = wf_storage.filesystem(npz_url, storage)
+        # KID is computed on rank 0 only: the other ranks read just count, mu and sigma (zip members are
+        # read lazily from the open object).
+        with_features = kid and dist.rank() == 0
+
+        def read() -> Stats:
+            with fs.open(path, "rb") as f, np.load(f) as z:
+                return Stats(count=int(z["count"]), mu=z["mu"], sigma=z["sigma"],
+                             features=z["features"] if with_features else None, cached=True, url=npz_url)
+
+        stats = wf_storage.with_retries(read, npz_url, "reading reference statistics from", scfg=storage)
         dist.print0(f"reference statistics: cached {npz_url} ({stats.count} images)")
         return stats
 

@@ -100,6 +100,7 @@ def test_exit_without_close_flushes_and_ends_killed(runs_root: Path, run_python)
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_two_processes_open_runs_in_one_fresh_embedded_store(tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -226,6 +227,7 @@ def test_server_outage_buffers_and_delivers(mlflow_server_factory, tmp_path: Pat
 
 
 @pytest.mark.services
+@pytest.mark.slow
 def test_mlflow_ui_run_page_in_headless_chromium(mlflow_server, chromium: str, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 

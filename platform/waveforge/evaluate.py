@@ -199,6 +199,9 @@ def _inception(ecfg: EvalConfig, device: torch.device) -> Callable[[torch.Tensor
     except RuntimeError as e:  # torch.jit.load of a truncated/corrupt file
         raise InceptionUnavailable(f"cannot load {os.path.join(folder, INCEPTION_FILE)} ({e}): delete it and "
                                    f"retry. {inception_help(ecfg.mode)}") from e
+    finally:
+        if Path(folder).name.startswith("waveforge-inception-"):  # our symlink folder: loaded, not needed
+            shutil.rmtree(folder, ignore_errors=True)
     return net
 
 
@@ -654,6 +657,8 @@ def load_generator(source: str, storage: StorageConfig | None = None, device: to
                 folder = str(checkpoint.export(source, Path(tmp), storage=storage))
         except (OSError, RuntimeError, ValueError) as e:
             error = f"cannot load a generator from {source!r}: {e}"
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
     folder, error = dist.broadcast_object((folder, error))
     if error:
         raise ConfigError(error)

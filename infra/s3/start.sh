@@ -80,6 +80,7 @@ setsid "$weed" mini \
   -master.telemetry=false \
   >>"$state/weed.log" 2>&1 </dev/null &
 echo $! >"$state/weed.pid"
+echo "$s3_port $master_port $volume_port $filer_port $admin_port" >"$state/ports"
 
 # Ready when the S3 API answers (403 to an anonymous request).
 for ((i = 0; i < 600; i++)); do

@@ -9,3 +9,9 @@ source "$(dirname "$0")/../lib.sh"
 state="$infra_root/s3"
 stop_pid "$state/weed.pid" "weed" 30
 rm -f "$state/filer.sock" "$state/s3.sock"
+# weed leaves its gRPC unix sockets in /tmp, named after our ports: remove them once it has exited.
+if [ -s "$state/ports" ] && ! pid_alive "$state/weed.pid" weed; then
+  for p in $(cat "$state/ports"); do
+    rm -f /tmp/seaweedfs-*-grpc-$((p + 10000)).sock "/tmp/seaweedfs-s3-$p.sock"
+  done
+fi

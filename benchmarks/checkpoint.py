@@ -36,7 +36,7 @@ for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_A
 
 import torch  # noqa: E402
 
-from waveforge import checkpoint, config, models  # noqa: E402
+from waveforge import checkpoint, config, models, storage  # noqa: E402
 from waveforge.config import StorageConfig  # noqa: E402
 
 
@@ -147,11 +147,10 @@ def start_weed(state: Path) -> tuple[subprocess.Popen, str, StorageConfig]:
             break
         except OSError:
             time.sleep(0.1)
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
-                 region_name="us-east-1").create_bucket(Bucket="bench")
-    return proc, "s3://bench/ckpt", StorageConfig(endpoint_url=endpoint, access_key=key, secret_key=secret)
+    scfg = StorageConfig(endpoint_url=endpoint, access_key=key, secret_key=secret)
+    fs, _ = storage.filesystem("s3://bench", scfg)
+    fs.mkdir("bench")
+    return proc, "s3://bench/ckpt", scfg
 
 
 def bench_stall(ckpt: Path, work: Path) -> dict:

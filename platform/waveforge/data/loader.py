@@ -99,11 +99,59 @@ def register_gopen(scfg: StorageConfig | None = None) -> None:
         gmod.gopen_schemes[name] = open_fsspec
 
 
+class _NotPlainUstar(Exception):
+    """The tar uses features (pax/GNU headers, links) the fast scan leaves to webdataset's iterator."""
+
+
+def _ustar_files(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of an in-memory plain ustar archive (as make_shards writes them).
+
+    A header scan without tarfile's per-member Python objects (~10x faster on small images); anything
+    beyond plain ustar raises _NotPlainUstar, a truncated archive tarfile.ReadError.
+    """
+    import tarfile
+
+    pos, n = 0, len(data)
+    while pos + 512 <= n:
+        hdr = data[pos:pos + 512]
+        if hdr[0] == 0:  # end-of-archive blocks
+            return
+        if hdr[257:262] != b"ustar":
+            raise _NotPlainUstar
+        kind = hdr[156:157]
+        try:
+            size = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            raise _NotPlainUstar from None
+        start = pos + 512
+        if start + size > n:
+            raise tarfile.ReadError("unexpected end of data (truncated tar)")
+        if kind in (b"0", b"\0", b"7"):
+            name = hdr[:100].split(b"\0", 1)[0].decode()
+            prefix = hdr[345:500].split(b"\0", 1)[0].decode()
+            yield (f"{prefix}/{name}" if prefix else name), data[start:start + size]
+        elif kind not in (b"5", b"1", b"2"):  # directories/links carry no sample data; pax/GNU: not plain
+            raise _NotPlainUstar
+        pos = start + (size + 511) // 512 * 512
+    if pos < n:
+        raise tarfile.ReadError("unexpected end of data (truncated tar)")
+
+
 def parse_tar(data: bytes, url: str) -> list[dict[str, Any]]:
-    """Samples of a tar shard in file order, grouped by key with webdataset's own tar iteration."""
+    """Samples of a tar shard in file order, grouped by key with webdataset's own grouping.
+
+    Plain ustar archives (what make_shards writes) are scanned directly in memory; any other tar goes
+    through webdataset's tar_file_iterator. Both skip webdataset's `__meta__` files the same way.
+    """
+    import re
+
     import webdataset.tariterators as wti
 
-    files = ({**f, "__url__": url} for f in wti.tar_file_iterator(io.BytesIO(data)))
+    try:
+        files = [{"fname": name, "data": body, "__url__": url} for name, body in _ustar_files(data)
+                 if not re.match(r"__[^/]*__($|/)", name)]
+    except _NotPlainUstar:
+        files = [{**f, "__url__": url} for f in wti.tar_file_iterator(io.BytesIO(data))]
     return list(wti.group_by_keys(files))
 
 

@@ -11,7 +11,8 @@ coefficient helpers), imported from that checkout at run time - never copied her
 in the same process, following its train_wddgan.py step (D real + R1 + D fake, then G adversarial + L1).
 Its custom CUDA ops are JIT-built at import; here their build is skipped (torch.utils.cpp_extension.load
 is stubbed during the import) so they take the checkout's own pure-PyTorch CPU path (upfirdn2d_native).
-Reports the median of `repeats` timed runs after one warm-up, and the ratio reference / waveforge.
+Reports the median of `repeats` timed runs after one warm-up round (the two implementations
+alternate run by run), and the ratio reference / waveforge.
 OMP_WAIT_POLICY defaults to PASSIVE here: on a shared CPU, spinning OpenMP threads make multi-threaded
 timings 10x slower and meaningless.
 """
@@ -46,16 +47,6 @@ JOB_KEYS = {
     "repeats": "timed runs after one warm-up (default 3; the median is reported)",
     "reference": "path of a VinAIResearch/WaveDiff checkout to time side by side (optional)",
 }
-
-
-def median_time(fn: Callable[[], None], repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
 
 
 def ours(cfg: Recipe, x0: torch.Tensor, seed: int) -> tuple[Callable[[], None], Callable[[], None], int, int]:
@@ -196,17 +187,26 @@ def main() -> None:
     impls = {"waveforge": ours(cfg, x0, seed=0)}
     if "reference" in a.job:
         impls["reference"] = reference(str(a.job["reference"]), cfg, x0, seed=0)
-    print(f"recipe {cfg.recipe}: batch {batch}, {threads} thread(s), {repeats} timed runs (median), fp32, CPU")
-    results: dict[str, dict[str, float]] = {}
-    for name, (step, sampling, g_params, d_params) in impls.items():
+    print(f"recipe {cfg.recipe}: batch {batch}, {threads} thread(s), {repeats} timed runs (median), fp32, CPU; "
+          "implementations interleaved run by run so a changing machine load hits both alike")
+    for name, (_, _, g_params, d_params) in impls.items():
         print(f"{name:>10}: G {g_params / 1e6:.3f} M, D {d_params / 1e6:.3f} M parameters")
-        results[name] = {}
-        for what, fn in (("train step (D+R1, G)", step), (f"sampling ({cfg.diffusion.num_timesteps} steps)", sampling)):
-            med, times = median_time(fn, repeats)
-            results[name][what] = med
-            print(f"{name:>10}: {what}: {med:.2f} s  (runs: {', '.join(f'{t:.2f}' for t in times)})", flush=True)
+    whats = ("train step (D+R1, G)", f"sampling ({cfg.diffusion.num_timesteps} steps)")
+    results: dict[str, dict[str, float]] = {name: {} for name in impls}
+    for i, what in enumerate(whats):
+        times: dict[str, list[float]] = {name: [] for name in impls}
+        for rep in range(repeats + 1):  # the first round is the warm-up
+            for name, impl in impls.items():
+                start = time.perf_counter()
+                impl[i]()
+                if rep > 0:
+                    times[name].append(time.perf_counter() - start)
+        for name in impls:
+            results[name][what] = statistics.median(times[name])
+            print(f"{name:>10}: {what}: {results[name][what]:.2f} s  "
+                  f"(runs: {', '.join(f'{t:.2f}' for t in times[name])})", flush=True)
     if "reference" in results:
-        for what in results["waveforge"]:
+        for what in whats:
             ratio = results["reference"][what] / results["waveforge"][what]
             print(f"speed-up {what}: {ratio:.2f}x (reference / waveforge; target >= 1.25x)")
 

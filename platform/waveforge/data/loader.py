@@ -486,17 +486,23 @@ class StreamReader:
         self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-read")
         try:
             iters = [self._stream(s) for s in self.streams]
+            in_worker = torch.utils.data.get_worker_info() is not None
+            n, res = len(self.streams) * self.per_stream, self.resolution
             while True:
-                keys, images = [], []
+                # Decoded images go straight into a CHW batch; in a worker it is allocated in shared memory,
+                # so handing it to the main process copies nothing.
+                chw = torch.empty((n, 3, res, res), dtype=torch.uint8)
+                if in_worker:
+                    chw.share_memory_()
+                out, keys = chw.numpy(), []
                 for it in iters:
                     for _ in range(self.per_stream):
                         key, img = next(it)
+                        np.copyto(out[len(keys)], img.transpose(2, 0, 1))  # HWC -> CHW
                         keys.append(key)
-                        images.append(img)
                 with self._lock:
                     stats = dict(self.stats)
-                chw = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW here,
-                yield {"streams": self.streams, "image": chw, "key": keys, "stats": stats}  # in the workers
+                yield {"streams": self.streams, "image": chw, "key": keys, "stats": stats}
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
 

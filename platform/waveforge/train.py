@@ -220,7 +220,7 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
     if rank == 0 and ckpt is None:
         tracker.log_artifact(run_dir / "recipe.yaml")
 
-    uploader = (checkpoint.Uploader(cfg.checkpoint.url, cfg.storage, keep_last=cfg.checkpoint.keep_last)
+    uploader = (checkpoint.Uploader(cfg.checkpoint.url, cfg.storage, keep_last=cfg.checkpoint.remote_keep_last)
                 if cfg.checkpoint.url and rank == 0 else None)
     zero3 = cfg.dist.zero_stage_g == 3
 
@@ -347,10 +347,13 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
             uploader.wait()
         loader.close()
         raise
-    if uploader is not None:
-        uploader.wait()
+    failed_uploads = uploader.wait() if uploader is not None else 0
     loader.close()
     if rank == 0:
+        if failed_uploads:
+            print(f"WARNING: {failed_uploads} checkpoint upload(s) to {cfg.checkpoint.url} failed; the local "
+                  f"checkpoints in {run_dir / 'checkpoints'} are complete", flush=True)
+            tracker.set_tags({"checkpoint_upload_failures": str(failed_uploads)})
         tracker.close("FINISHED" if status == "finished" else "KILLED")
     dist.barrier()
     return status

@@ -530,3 +530,15 @@ def open_tracker(cfg: config.Recipe, run_dir: Path, run_id: str | None, tags: di
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
     return Tracker.open(cfg, run_dir, run_id, tags, system_metrics=system_metrics)
+
+
+def start_node_monitor(cfg: config.Recipe, run_dir: Path, run_id: str | None) -> Any:
+    """System metrics of this node into run `run_id`, for the first rank of every node but rank 0's (whose
+    Tracker runs its own). Returns the monitor (call .finish() at the end) or None."""
+    if not cfg.tracking.enabled or not run_id:
+        return None
+    try:
+        return _start_system_metrics(run_id, tracking_uri(cfg, run_dir), resume=True)
+    except Exception as e:  # noqa: BLE001 - system metrics are optional: never stop training for them
+        log.warning("tracking: system metrics of this node could not start: %s", e)
+        return None

@@ -217,6 +217,8 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
     run_id, error = dist.broadcast_object((getattr(tracker, "run_id", None), error))
     if error:
         raise RuntimeError(f"tracking could not start ({tracking.tracking_uri(cfg, run_dir)}): {error}")
+    # per-node system metrics: rank 0's tracker covers its node; the first rank of every other node adds its own
+    node_monitor = tracking.start_node_monitor(cfg, run_dir, run_id) if rank != 0 and dist.local_rank() == 0 else None
     if rank == 0 and ckpt is None:
         tracker.log_artifact(run_dir / "recipe.yaml")
 
@@ -347,6 +349,8 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
             uploader.wait()
         loader.close()
         raise
+    if node_monitor is not None:
+        node_monitor.finish()
     failed_uploads = uploader.wait() if uploader is not None else 0
     loader.close()
     if rank == 0:

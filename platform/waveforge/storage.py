@@ -9,7 +9,7 @@ S3 settings come from the recipe's `storage` section, else from the standard AWS
 Every helper retries transient errors (connection resets, timeouts, throttling, 5xx) with exponential
 backoff. Permanent errors are raised at once as `StorageError` with a message that names the URL/bucket
 and what to check (wrong key or secret, missing bucket, unreachable endpoint), never a raw botocore trace.
-A missing object is `FileNotFoundError` (a subclass-free, ordinary one), so callers can treat it as "absent".
+A missing object raises the ordinary `FileNotFoundError`, so callers can treat it as "absent".
 """
 
 from __future__ import annotations

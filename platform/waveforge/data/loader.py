@@ -50,7 +50,6 @@ import concurrent.futures as cf
 import functools
 import hashlib
 import io
-import math
 import os
 import sys
 import threading
@@ -63,10 +62,10 @@ import torch
 from PIL import Image
 
 from waveforge import storage as store
-from waveforge.config import ConfigError, StorageConfig
+from waveforge.config import MAX_DATA_STREAMS, ConfigError, StorageConfig, data_streams
 from waveforge.data.shards import dataset_root, manifest_url, read_manifest
 
-MAX_STREAMS = 64
+MAX_STREAMS = MAX_DATA_STREAMS
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 STATE_FORMAT = "waveforge-loader/1"
 
@@ -76,8 +75,9 @@ class DataError(RuntimeError):
 
 
 def num_streams(global_batch: int) -> int:
-    """Virtual streams for a global batch: gcd(global_batch, 64); the world size must divide it."""
-    return math.gcd(int(global_batch), MAX_STREAMS)
+    """Virtual streams for a global batch: gcd(global_batch, 64); the world size must divide it (the recipe
+    check `config.check_resources` uses the same function before anything starts)."""
+    return data_streams(global_batch)
 
 
 # --------------------------------------------------------------------------------------------------

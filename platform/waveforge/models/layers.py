@@ -206,7 +206,7 @@ class ResBlock(nn.Module):
                 C = h.shape[1]
                 hb = dwt(h)
                 h, high_out = hb[:, :C] * 0.5, hb[:, C:]
-                x = dwt(x)[:, :C] * 0.5
+                x = F.avg_pool2d(x, 2)  # = LL / 2 of the DWT: the shortcut keeps only the low band
             elif self.resample == "up":
                 if high is None:
                     raise ValueError("a wavelet up block needs the high bands of its down block")

@@ -226,7 +226,10 @@ class Task:
                 stop.uninstall()
             requeued = status == "stopped" and preempted and _requeue(self.cfg)
             shutdown()
-            if requeued:  # as submitit does after its own requeue: exit without a result, Slurm restarts us
+            # Stopped by a signal under Slurm (our own requeue, or Slurm's: scontrol requeue, preemption, time
+            # limit, scancel): exit without a result, as submitit does, so that no client mistakes this attempt
+            # for the job's end; a requeued attempt resumes from the checkpoint just written.
+            if requeued or (status == "stopped" and os.environ.get("SLURM_JOB_ID")):
                 raise SystemExit(-1)
             return status
         if self.job == "evaluate":

@@ -74,7 +74,7 @@ def _follow(handle) -> None:  # noqa: ANN001
             break
         time.sleep(2)
     try:
-        handle.result()
+        handle.results()  # every task's result (raises if one failed)
     except Exception as e:  # the job's own traceback is in its log
         print(f"job {handle.job_id} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         raise SystemExit(1) from None

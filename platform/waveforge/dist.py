@@ -45,7 +45,8 @@ def barrier() -> None:
 def print0(*args: Any, **kwargs: Any) -> None:
     """Print on global rank 0 only (flushes: logs of requeued jobs are read while they run)."""
     if rank() == 0:
-        print(*args, **kwargs, flush=True, file=kwargs.pop("file", sys.stdout))
+        kwargs.setdefault("file", sys.stdout)
+        print(*args, **kwargs, flush=True)
 
 
 def _comm_device() -> torch.device:

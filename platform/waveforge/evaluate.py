@@ -726,7 +726,7 @@ def run_job(cfg: Recipe, checkpoint: str = "", real: str = "", fake: str = "", o
                   seconds=round(time.time() - t0, 1))
     if out and dist.rank() == 0:
         wf_storage.write_bytes(out, (json.dumps(result, indent=1) + "\n").encode(), cfg.storage)
-    dist.print0("evaluation: " + json.dumps(result))
+    dist.print0("evaluation: " + json.dumps(result), file=sys.stderr)  # stdout stays for --json
     return result
 
 

@@ -40,11 +40,9 @@ PHASE_D, PHASE_G = 0, 1
 
 def resolve_run_dir(cfg: Recipe) -> Path:
     """cfg.run.dir, else runs/<recipe>/<run name>; the name (a UTC time) is chosen once, on rank 0."""
-    if not cfg.run.name:
+    if not cfg.run.name:  # the same name on every rank (each rank's clock may tick differently)
         cfg.run.name = dist.broadcast_object(datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
-    if not cfg.run.dir:
-        cfg.run.dir = str(Path("runs") / cfg.recipe / cfg.run.name)
-    return Path(cfg.run.dir).absolute()
+    return launch.run_folder(cfg)
 
 
 def step_seed(seed: int, step: int, rank: int, phase: int) -> int:

@@ -231,19 +231,22 @@ def read_text(url: str, scfg: StorageConfig | None = None, retries: int = DEFAUL
     return read_bytes(url, scfg, retries).decode()
 
 
+def _replace_local(path: str, write: Callable[[str], Any]) -> None:
+    """Local files are never half-written: `write(tmp)` fills a temporary name, renamed over `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def write_bytes(url: str, data: bytes, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES) -> None:
     """Write `data` to `url`. Local files are written to a temporary name and renamed (never half-written)."""
     if is_local(url):
-        path = local_path(url)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-
-        def write_local() -> None:
+        def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
-            os.replace(tmp, path)
 
-        with_retries(write_local, url, "writing", retries=retries, scfg=scfg)
+        with_retries(lambda: _replace_local(local_path(url), write), url, "writing", retries=retries, scfg=scfg)
         return
     fs, path = filesystem(url, scfg)
     with_retries(lambda: fs.pipe_file(path, data), url, "writing", retries=retries, scfg=scfg)
@@ -258,15 +261,8 @@ def put_file(local: str, url: str, scfg: StorageConfig | None = None, retries: i
     if is_local(url):
         import shutil
 
-        dst = local_path(url)
-        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-        tmp = f"{dst}.tmp{os.getpid()}"
-
-        def copy() -> None:
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, dst)
-
-        with_retries(copy, url, "copying to", retries=retries, scfg=scfg)
+        with_retries(lambda: _replace_local(local_path(url), lambda tmp: shutil.copyfile(local, tmp)), url,
+                     "copying to", retries=retries, scfg=scfg)
         return
     fs, path = filesystem(url, scfg)
     with_retries(lambda: fs.put_file(local, path), url, "uploading to", retries=retries, scfg=scfg)

@@ -310,3 +310,15 @@ def slurm_cluster(_slurm_session: _SlurmSession, monkeypatch: pytest.MonkeyPatch
 def slurm_two_nodes(_slurm_session: _SlurmSession, monkeypatch: pytest.MonkeyPatch) -> SlurmCluster:
     """Two fake nodes n1, n2 (4 CPUs each) on this host; SLURM_CONF set in os.environ while active."""
     return _slurm_fixture(_slurm_session, 2, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one torch thread is fastest, since OpenMP spinning on 2 shared CI cores costs more
+    than it gives. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -33,12 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 N, G, RES = 300, 16, 16  # 300 samples: not a multiple of the 16 streams, so epochs do not align with batches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; OpenMP spinning on 2 shared cores costs more than it gives
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,10 @@ from waveforge import storage
 from waveforge.config import StorageConfig
 from waveforge.data import DataError, ShardLoader, make_shards, register_gopen
 
-pytestmark = pytest.mark.services
 G, RES = 8, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.services, pytest.mark.usefixtures("one_thread")]  # tiny tensors: see conftest
 
 
 def _scfg(s3_server, secret: str | None = None) -> StorageConfig:

@@ -27,14 +27,7 @@ from waveforge.diffusion import (
 from waveforge.models import build_discriminator, build_generator
 from waveforge.wavelet import to_wavelet
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are small: one thread is fastest and immune to oversubscribed CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 def test_schedule_check_values_T2():

@@ -217,13 +217,9 @@ class Task:
         if self.job == "train":
             from waveforge import train
 
-            device = init_distributed(self.cfg.dist.backend)
-            stop = StopFlag().install()  # replaces submitit's USR2 handler: no requeue from a signal handler
-            try:
-                status = train.training_loop(self.cfg, device=device, stop=stop)
-                preempted = dist.any_rank(signal.SIGUSR2 in stop.signals)
-            finally:
-                stop.uninstall()
+            stop = StopFlag()
+            status = train.main(self.cfg, stop)
+            preempted = dist.any_rank(signal.SIGUSR2 in stop.signals)
             requeued = status == "stopped" and preempted and _requeue(self.cfg)
             shutdown()
             # Stopped by a signal under Slurm (our own requeue, or Slurm's: scontrol requeue, preemption, time

@@ -107,11 +107,12 @@ def crossed(before: int, after: int, every: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def main(cfg: Recipe) -> str:
+def main(cfg: Recipe, stop: launch.StopFlag | None = None) -> str:
     """Train `cfg` in this process (one rank). Returns "finished", or "stopped" after a stop request
-    (checkpoint written: the launcher requeues). Works alone, under torchrun, srun and submitit."""
+    (checkpoint written: the launcher requeues; `stop.signals` says which signals came). Works alone, under
+    torchrun, srun and submitit."""
     device = launch.init_distributed(cfg.dist.backend)
-    stop = launch.StopFlag().install()
+    stop = (stop or launch.StopFlag()).install()  # replaces submitit's USR2 handler: no requeue from a handler
     try:
         return training_loop(cfg, device=device, stop=stop)
     finally:

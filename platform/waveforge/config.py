@@ -49,6 +49,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
+    family: Literal["wavediff", "edm"] = "wavediff"  # diffusion GAN (G + D) or EDM-preconditioned denoiser (one net)
     resolution: int = 256  # image size in pixels (the generator works at resolution/2 in wavelet space)
     channels: int = 3  # image channels (x4 subbands in wavelet space)
     generator: Literal["wavelet", "ncsnpp"] = "wavelet"  # wavelet NCSN++ (WaveDiff) or plain NCSN++ on subbands

@@ -2,6 +2,10 @@
 
     x_t (B, 4*channels, R/2, R/2), t (B,) int, z (B, nz)  ->  x0_hat, same shape as x_t, in [-1, 1]
 
+The same network without the GAN parts (model.family = edm: no latent z, no mapping network, plain
+GroupNorm with learned affine instead of the adaptive one, a linear output instead of tanh, a continuous
+noise label as t) is the raw network F of the EDM denoiser in waveforge.models.denoiser.
+
 Structure (the reference's wavelet NCSN++; each frequency-aware piece can be switched off, and with all
 three off it is the reference's plain NCSN++ used for CIFAR-10):
 - t -> sinusoidal(nf) -> Linear(nf, 4nf) -> SiLU -> Linear(4nf, 4nf): a per-block channel bias;
@@ -51,7 +55,8 @@ class Generator(nn.Module):
         self.use_freq_bottleneck = wavelet and mcfg.freq_bottleneck
         self.patch_size = mcfg.patch_size
         self.num_timesteps = dcfg.num_timesteps
-        self.nz = mcfg.nz
+        self.latent = mcfg.family == "wavediff"  # the GAN generator takes z; the EDM denoiser's net does not
+        self.nz = mcfg.nz if self.latent else 0
         self.in_ch = 4 * mcfg.channels  # subband channels of x_t
         self.res = mcfg.resolution // 2  # spatial size of x_t
         self.activation_checkpointing = False
@@ -60,7 +65,7 @@ class Generator(nn.Module):
         grid = self.res // self.patch_size
         resolutions = [grid // 2 ** i for i in range(num_levels)]
         attn_at = set(mcfg.attn_resolutions)
-        temb_dim, zdim = 4 * nf, mcfg.z_emb_dim
+        temb_dim, zdim = 4 * nf, (mcfg.z_emb_dim if self.latent else 0)
 
         def block(cin: int, cout: int, resample: str = "none", skip_ch: int = 0) -> ResBlock:
             return ResBlock(cin, cout, temb_dim=temb_dim, z_dim=zdim, resample=resample,
@@ -69,10 +74,12 @@ class Generator(nn.Module):
         # Conditioning.
         self.nf = nf
         self.temb = nn.Sequential(linear(nf, temb_dim), nn.SiLU(), linear(temb_dim, temb_dim))
-        mapping: list[nn.Module] = [PixelNorm(), linear(mcfg.nz, zdim), nn.SiLU()]
-        for _ in range(mcfg.n_mlp):
-            mapping += [linear(zdim, zdim), nn.SiLU()]
-        self.mapping = nn.Sequential(*mapping)
+        self.mapping = None
+        if self.latent:
+            mapping: list[nn.Module] = [PixelNorm(), linear(mcfg.nz, zdim), nn.SiLU()]
+            for _ in range(mcfg.n_mlp):
+                mapping += [linear(zdim, zdim), nn.SiLU()]
+            self.mapping = nn.Sequential(*mapping)
 
         # Encoder. `skips` tracks the channels of every tensor pushed for the decoder.
         in_ch = self.in_ch * self.patch_size ** 2
@@ -133,20 +140,24 @@ class Generator(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def _freq_block(self, block: ResBlock, h: torch.Tensor, temb: torch.Tensor, zemb: torch.Tensor) -> torch.Tensor:
+    def _freq_block(self, block: ResBlock, h: torch.Tensor, temb: torch.Tensor,
+                    zemb: torch.Tensor | None) -> torch.Tensor:
         """Apply `block` to LL/2 of the DWT of h and put the result back as the LL band (x2)."""
         C = h.shape[1]
         bands = dwt(h)
         low = self._run(block, bands[:, :C] * 0.5, temb, zemb)
         return idwt(torch.cat([low * 2.0, bands[:, C:]], dim=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """t: integer steps (GAN) or continuous noise labels (EDM); z: (B, nz) latents, None without a latent."""
         if x.dim() != 4 or x.shape[1] != self.in_ch or x.shape[-1] != self.res or x.shape[-2] != self.res:
             raise ValueError(f"generator: expected x_t of shape (B, {self.in_ch}, {self.res}, {self.res}), "
                              f"got {tuple(x.shape)}")
         if self.patch_size > 1:
             x = F.pixel_unshuffle(x, self.patch_size)
-        zemb = self.mapping(z.to(x.dtype))
+        if self.mapping is not None and z is None:
+            raise ValueError("generator: this network takes a latent z (B, nz)")
+        zemb = self.mapping(z.to(x.dtype)) if self.mapping is not None else None
         temb = self.temb(timestep_embedding(t, self.nf).to(x.dtype))  # fp32 embedding -> bf16/fp16 engines
 
         # Encoder.
@@ -196,4 +207,4 @@ class Generator(nn.Module):
         h = self.conv_out(F.silu(self.norm_out(h)))
         if self.patch_size > 1:
             h = F.pixel_shuffle(h, self.patch_size)
-        return torch.tanh(h)
+        return torch.tanh(h) if self.latent else h

@@ -131,16 +131,22 @@ class WaveletDownConv(nn.Module):
 
 
 class AdaptiveGroupNorm(nn.Module):
-    """GroupNorm without affine, then gamma * h + beta with (gamma, beta) = Linear(z_emb); gamma starts at 1."""
+    """GroupNorm without affine, then gamma * h + beta with (gamma, beta) = Linear(z_emb); gamma starts at 1.
+
+    z_dim = 0 (a network without a latent, e.g. the EDM denoiser): a plain GroupNorm with learned affine.
+    """
 
     def __init__(self, channels: int, z_dim: int):
         super().__init__()
-        self.norm = group_norm(channels, affine=False)
-        self.style = linear(z_dim, 2 * channels)
-        with torch.no_grad():
-            self.style.bias[:channels] = 1.0
+        self.norm = group_norm(channels, affine=z_dim == 0)
+        self.style = linear(z_dim, 2 * channels) if z_dim > 0 else None
+        if self.style is not None:
+            with torch.no_grad():
+                self.style.bias[:channels] = 1.0
 
-    def forward(self, h: torch.Tensor, zemb: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, zemb: torch.Tensor | None) -> torch.Tensor:
+        if self.style is None:
+            return self.norm(h)
         gamma, beta = self.style(zemb)[:, :, None, None].chunk(2, dim=1)
         return torch.addcmul(beta, gamma, self.norm(h))
 
@@ -194,7 +200,7 @@ class ResBlock(nn.Module):
                 raise ValueError("a wavelet up block needs skip_ch (channels of the matching down block)")
             self.conv_high = conv2d(3 * skip_ch, 3 * out_ch, 3, groups=3)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, zemb: torch.Tensor,
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, zemb: torch.Tensor | None,
                 high: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h = F.silu(self.norm0(x, zemb))
         high_out = None

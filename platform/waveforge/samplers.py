@@ -54,18 +54,17 @@ class StackedRandomGenerator:
         self.device = torch.device(device)
         self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds]
 
-    def randn(self, size: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def randn(self, size: Sequence[int], dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> torch.Tensor:
         size = list(size)
         if not size or size[0] != len(self.generators):
             raise ValueError(f"StackedRandomGenerator.randn: size[0] must be the number of seeds "
                              f"({len(self.generators)}), got size {size}")
-        return torch.stack([torch.randn(size[1:], generator=g, dtype=dtype, device=self.device)
-                            for g in self.generators])
+        dev = self.device if device is None else device
+        return torch.stack([torch.randn(size[1:], generator=g, dtype=dtype, device=dev) for g in self.generators])
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device != self.device:
-            raise ValueError(f"StackedRandomGenerator.randn_like: tensor on {x.device}, generators on {self.device}")
-        return self.randn(x.shape, dtype=x.dtype)
+        return self.randn(x.shape, dtype=x.dtype, device=x.device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,8 +169,9 @@ def generalized_sampler(denoise: Denoiser, latents: torch.Tensor, *, num_steps: 
     sigma_max, epsilon_s); scaling s(t): none 1, vp 1/sqrt(1 + sigma^2). ODE (Eq. 4):
     dx/dt = (sigma'/sigma + s'/s) x - (sigma' s / sigma) D(x/s; sigma); solver euler or the generic
     2nd-order one (alpha = 1: Heun). Default sigma range per discretisation: vp (sigma(eps_s), sigma(1)) at
-    beta_d = 19.9, beta_min = 0.1; ve (0.02, 100); iddpm (0.002, 81); edm (0.002, 80). NFE: heun 2N-1,
-    euler N. (edm, linear, none, heun) is edm_sampler exactly."""
+    beta_d = 19.9, beta_min = 0.1 (Table 1; EDM's generate.py computes these two defaults with 19.1);
+    ve (0.02, 100); iddpm (0.002, 81); edm (0.002, 80). No round_sigma (the network's sigma grid) is applied.
+    NFE: heun 2N-1, euler N. (edm, linear, none, heun) is edm_sampler (to float round-off)."""
     n = _check_steps(num_steps)
     _choice("solver", solver, ("euler", "heun"))
     _choice("discretization", discretization, ("vp", "ve", "iddpm", "edm"))

@@ -96,3 +96,18 @@ def test_activation_measurement(tiny_cost):
         G(torch.randn(2, 12, 16, 16), torch.tensor([0, 1]), torch.randn(2, cfg.model.nz))
     real = sum(n for ptr, n in storages.items() if ptr not in weights) / 2 / 4  # fp32 elements per sample
     assert real == pytest.approx(cost.g_act, rel=0.1)
+
+
+def test_plan_of_the_edm_family_has_no_discriminator(monkeypatch, capsys) -> None:
+    code, out, _ = _run_plan(monkeypatch, capsys, "recipe=edm_cifar10", "--json")
+    assert code == 0
+    p = json.loads(out)
+    cfg = config.load("edm_cifar10")
+    from waveforge import models
+
+    with torch.device("meta"):
+        expect = models.count_params(models.build_network(cfg.model, cfg.diffusion))
+    assert p["generator_params"] == expect and p["discriminator_params"] == 0
+    assert p["flops"]["sampling_network_calls"] == 35  # 18 Heun steps
+    assert p["flops"]["sampling_per_image"] == 35 * p["flops"]["generator_forward_per_sample"]
+    assert p["activation_gib_per_gpu"]["d_step"] == 0

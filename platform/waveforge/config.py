@@ -73,9 +73,47 @@ class ModelConfig:
 @dataclass
 class DiffusionConfig:
     num_timesteps: int = 2  # T: denoising steps of the diffusion GAN
-    beta_min: float = 0.1  # VP schedule
+    beta_min: float = 0.1  # VP schedule (also the EDM family's VP preconditioning: beta_d = beta_max - beta_min)
     beta_max: float = 20.0
     use_geometric: bool = False  # geometric (VE-like) schedule instead of VP
+    # The EDM family (model.family=edm; Karras et al. 2022), in the orthonormal Haar space.
+    precond: Literal["edm", "vp"] = "edm"  # EDM or VP (DDPM++) preconditioning and training loss
+    sigma_data: float = 0.5  # EDM: expected data standard deviation
+    sigma_min: float = 0.002  # the noise levels the denoiser supports (sampling is clipped to them)
+    sigma_max: float = 80.0
+    p_mean: float = -1.2  # EDM loss: ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = 1.2
+    epsilon_t: float = 1e-5  # VP loss: t ~ U(epsilon_t, 1)
+
+
+@dataclass
+class SamplerConfig:
+    """How the EDM family samples (evaluation, grids, jobs/sample.py, jobs/sweep_samplers.py)."""
+
+    name: Literal["heun", "euler", "edm_stochastic", "generalized", "fastdpm", "pc"] = "heun"
+    steps: int = 18  # time steps N (heun: 2N-1 network calls; fastdpm: S; pc: predictor steps)
+    rho: float = 7.0  # EDM time-step exponent
+    sigma_min: float = 0.0  # 0 = diffusion.sigma_min
+    sigma_max: float = 0.0  # 0 = diffusion.sigma_max
+    s_churn: float = 0.0  # edm_stochastic / generalized: EDM's S_churn, S_min, S_max, S_noise
+    s_min: float = 0.0
+    s_max: float = math.inf
+    s_noise: float = 1.0
+    solver: Literal["heun", "euler"] = "heun"  # generalized sampler
+    discretization: Literal["edm", "vp", "ve", "iddpm"] = "edm"  # generalized sampler
+    sigma_schedule: Literal["linear", "vp", "ve"] = "linear"  # generalized sampler: sigma(t)
+    scaling: Literal["none", "vp"] = "none"  # generalized sampler: s(t)
+    schedule: Literal["var", "step"] = "step"  # fastdpm: noise-level (VAR) or step (STEP) schedule
+    spacing: Literal["linear", "quadratic"] = "quadratic"  # fastdpm schedule spacing
+    kappa: float = 0.0  # fastdpm: 1 = DDPM-rev, 0 = DDIM-rev
+    allow_infeasible: bool = False  # fastdpm VAR: too few steps to reach the last noise level -> start lower (official)
+    corrector_steps: int = 1  # pc: Langevin corrector steps per noise level
+    snr: float = 0.16  # pc: Langevin signal-to-noise ratio
+    noise_filter: Literal["none", "tdas", "pds"] = "none"  # space-frequency filtered noise (pds: also the drift)
+    filter_alpha: float = 5.0  # filter strength: values in [1, alpha/(alpha-1)]
+    filter_source: Literal["data", "gap"] = "data"  # data spectrum, or the generated-vs-real spectrum gap (TDAS)
+    filter_samples: int = 512  # images used to estimate the filters
+    filter_path: str = ""  # filters file ("" = noise_filters-<source>.pt in the run folder, estimated once)
 
 
 @dataclass
@@ -108,6 +146,7 @@ class TrainConfig:
     lr_d: float = 1e-4
     lr_min: float = 1e-5  # cosine schedule floor (reference)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
+    lr_warmup_images: int = 0  # linear learning-rate ramp over the first images (EDM: 10M)
     beta1: float = 0.5  # Adam
     beta2: float = 0.9
     r1_gamma: float = 2.0  # R1 penalty weight (gamma/2 * E|grad D(real)|^2)
@@ -190,6 +229,7 @@ class Recipe:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -212,11 +252,16 @@ ALIASES: dict[str, str] = {
     "resume": "run.resume",
     "max_steps": "train.max_steps",
     "batch": "train.batch_size",
+    "sampler": "sampler.name",
+    "steps": "sampler.steps",
+    "schedule": "sampler.schedule",
+    "kappa": "sampler.kappa",
+    "noise_filter": "sampler.noise_filter",
 }
 
 SECRET_FIELDS = {"storage.secret_key"}
 # Fields that do not change what is trained: a resumed run may differ from its checkpoint only in these.
-NON_TRAINING_PREFIXES = ("run.", "cluster.", "tracking.", "eval.", "checkpoint.", "storage.", "recipe")
+NON_TRAINING_PREFIXES = ("run.", "cluster.", "tracking.", "eval.", "sampler.", "checkpoint.", "storage.", "recipe")
 NON_TRAINING_FIELDS = {"data.url", "data.num_workers", "data.cache_dir", "data.retries", "train.max_steps",
                        "train.log_every_images", "data.synthetic_if_missing", "data.on_error"}
 
@@ -461,11 +506,25 @@ def validate(cfg: Recipe) -> None:
     g_res = m.resolution // 2 // m.patch_size
     _check(g_res % (2 ** (len(m.ch_mult) - 1)) == 0 and g_res // 2 ** (len(m.ch_mult) - 1) >= 2, "model.ch_mult",
            m.ch_mult, f"at most {max(1, (g_res // 2).bit_length())} levels for a {g_res} px generator input")
-    _check(m.d_layers >= 2 and m.resolution // 2 // 2 ** m.d_layers >= 1, "model.d_layers", m.d_layers,
-           f"2 <= d_layers <= {max(2, (m.resolution // 2).bit_length() - 1)} at {m.resolution} px")
+    if m.family == "wavediff":  # the EDM family has no discriminator
+        _check(m.d_layers >= 2 and m.resolution // 2 // 2 ** m.d_layers >= 1, "model.d_layers", m.d_layers,
+               f"2 <= d_layers <= {max(2, (m.resolution // 2).bit_length() - 1)} at {m.resolution} px")
     _check(m.d_nf >= 1, "model.d_nf", m.d_nf, ">= 1")
     _check(1 <= d.num_timesteps <= 1000, "diffusion.num_timesteps", d.num_timesteps, "1..1000")
     _check(0 < d.beta_min < d.beta_max, "diffusion.beta_min", d.beta_min, "0 < beta_min < beta_max")
+    _check(0 < d.sigma_min < d.sigma_max, "diffusion.sigma_min", d.sigma_min, "0 < sigma_min < sigma_max")
+    _check(d.sigma_data > 0 and d.p_std > 0, "diffusion.sigma_data", d.sigma_data, "sigma_data, p_std > 0")
+    _check(0 < d.epsilon_t < 1, "diffusion.epsilon_t", d.epsilon_t, "0 < epsilon_t < 1")
+    sp = cfg.sampler
+    _check(sp.steps >= 1, "sampler.steps", sp.steps, ">= 1")
+    _check(sp.sigma_min >= 0 and sp.sigma_max >= 0, "sampler.sigma_min", sp.sigma_min, ">= 0 (0 = diffusion's)")
+    _check(sp.rho > 0 and sp.s_noise > 0 and sp.s_churn >= 0, "sampler.rho", sp.rho, "rho, s_noise > 0, s_churn >= 0")
+    _check(0 <= sp.kappa <= 1, "sampler.kappa", sp.kappa, "0 <= kappa <= 1 (0 = DDIM-rev, 1 = DDPM-rev)")
+    _check(sp.corrector_steps >= 0 and sp.snr > 0, "sampler.corrector_steps", sp.corrector_steps, ">= 0, snr > 0")
+    _check(sp.filter_alpha > 1, "sampler.filter_alpha", sp.filter_alpha, "> 1")
+    _check(sp.filter_samples >= 2, "sampler.filter_samples", sp.filter_samples, ">= 2")
+    _check(sp.noise_filter != "pds" or sp.name == "pc", "sampler.noise_filter", sp.noise_filter,
+           "tdas or none with sampler=" + sp.name + " (pds preconditions the drift of sampler=pc)")
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
     _check(t.total_images >= 1, "train.total_images", t.total_images, ">= 1")
     _check(t.max_steps >= 0, "train.max_steps", t.max_steps, ">= 0 (0 = no limit)")
@@ -478,6 +537,7 @@ def validate(cfg: Recipe) -> None:
     _check(t.rec_weight >= 0, "train.rec_weight", t.rec_weight, ">= 0")
     _check(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "0 <= ema_decay < 1")
     _check(t.ema_warmup_images >= 0 and t.grad_clip >= 0, "train.ema_warmup_images", t.ema_warmup_images, ">= 0")
+    _check(t.lr_warmup_images >= 0, "train.lr_warmup_images", t.lr_warmup_images, ">= 0")
     _check(t.log_every_images >= 1, "train.log_every_images", t.log_every_images, ">= 1")
     _check(ds.zero_stage_g in (0, 1, 2, 3), "dist.zero_stage_g", ds.zero_stage_g, "0, 1, 2 or 3")
     _check(ds.zero_stage_d in (0, 1, 2), "dist.zero_stage_d", ds.zero_stage_d,

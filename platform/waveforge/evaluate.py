@@ -664,7 +664,7 @@ def load_generator(source: str, storage: StorageConfig | None = None, device: to
         raise ConfigError(error)
     meta = json.loads(Path(folder, "model_config.json").read_text())
     run_cfg = config.from_dict({"model": meta["model"], "diffusion": meta["diffusion"]})
-    G = models.build_generator(run_cfg.model, run_cfg.diffusion)
+    G = models.build_network(run_cfg.model, run_cfg.diffusion)
     missing, unexpected = safetensors.torch.load_model(G, str(Path(folder, GENERATOR_FILE)), strict=False)
     if missing or unexpected:
         raise ConfigError(f"{folder}/{GENERATOR_FILE} does not fit the generator of its model_config.json: "
@@ -676,10 +676,19 @@ def load_generator(source: str, storage: StorageConfig | None = None, device: to
     return G.to(device).eval().requires_grad_(False), run_cfg, info
 
 
-def generator_fn(G: torch.nn.Module, run_cfg: Recipe, device: torch.device | str
-                 ) -> Callable[[list[int]], torch.Tensor]:
-    """seeds -> uint8 (B,3,R,R) images of G (sample i from seed i), as the trainer's evaluation makes them."""
+def generator_fn(G: torch.nn.Module, run_cfg: Recipe, device: torch.device | str,
+                 noise_filter: Any = None) -> Callable[[list[int]], torch.Tensor]:
+    """seeds -> uint8 (B,3,R,R) images of G (sample i from seed i), as the trainer's evaluation makes them.
+
+    The EDM family (run_cfg.model.family=edm) samples with run_cfg.sampler (and `noise_filter`, see
+    waveforge.edm.noise_filter); the diffusion GAN with its T-step posterior sampler.
+    """
     from waveforge import diffusion, wavelet
+
+    if run_cfg.model.family == "edm":
+        from waveforge import edm
+
+        return edm.generator_fn(G, run_cfg, device, noise_filter)
 
     m = run_cfg.model
     sched = diffusion.make_schedule(run_cfg.diffusion, device)
@@ -687,10 +696,35 @@ def generator_fn(G: torch.nn.Module, run_cfg: Recipe, device: torch.device | str
 
     @torch.no_grad()
     def generate(seeds: list[int]) -> torch.Tensor:
-        img = wavelet.from_wavelet(diffusion.sample_from_seeds(G, sched, seeds, shape, m.nz, device).float())
-        return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+        w = diffusion.sample_from_seeds(G, sched, seeds, shape, m.nz, device)
+        return to_uint8(wavelet.from_wavelet(w.float())).cpu()
 
     return generate
+
+
+def to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images -> uint8 (the grid / FID input)."""
+    return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def load_sampler(cfg: Recipe, source: str, device: torch.device | str
+                 ) -> tuple[Callable[[list[int]], torch.Tensor], Recipe, dict[str, Any]]:
+    """(generate, run_cfg, info) for the model at `source` (see load_generator), collective.
+
+    run_cfg has the checkpoint's model and diffusion sections and `cfg`'s data, eval, storage and sampler
+    sections: the EDM family samples with the sampler the user chose (and its TDAS/PDS filters, stored in
+    the run folder when `source` is one), the diffusion GAN with its T steps.
+    """
+    G, run_cfg, info = load_generator(source, cfg.storage, device)
+    run_cfg.data, run_cfg.eval, run_cfg.storage, run_cfg.sampler = cfg.data, cfg.eval, cfg.storage, cfg.sampler
+    filt = None
+    if run_cfg.model.family == "edm":
+        from waveforge import edm
+
+        local = Path(source.removeprefix("file://"))
+        filt = edm.noise_filter(run_cfg, G, device, local if local.is_dir() else None)
+        info = {**info, **edm.describe(run_cfg)}
+    return generator_fn(G, run_cfg, device, noise_filter=filt), run_cfg, info
 
 
 def run_job(cfg: Recipe, checkpoint: str = "", real: str = "", fake: str = "", out: str = "") -> dict[str, Any]:
@@ -715,9 +749,8 @@ def run_job(cfg: Recipe, checkpoint: str = "", real: str = "", fake: str = "", o
         result: dict[str, Any] = dict(fid_folders(real, fake, cfg.eval, device))
         result.update(real=real, fake=fake)
     elif checkpoint:
-        G, run_cfg, info = load_generator(checkpoint, cfg.storage, device)
-        run_cfg.data, run_cfg.eval, run_cfg.storage = cfg.data, cfg.eval, cfg.storage
-        result = dict(evaluate_generator(run_cfg, generator_fn(G, run_cfg, device), device=device))
+        generate, run_cfg, info = load_sampler(cfg, checkpoint, device)
+        result = dict(evaluate_generator(run_cfg, generate, device=device))
         result.update(checkpoint=checkpoint, **{k: v for k, v in info.items() if v is not None})
         result.update(num_samples=cfg.eval.num_samples, data=cfg.data.url)
     else:

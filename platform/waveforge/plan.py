@@ -13,7 +13,8 @@ built with the recipe's shapes, run forward and backward at batch 1 and 2, and
 Model/optimizer state: mixed precision (bf16/fp16) keeps 16-bit weights + 16-bit gradients + fp32 master
 weights + Adam m and v (2 + 2 + 12 bytes/param); fp32 keeps 4 + 4 + 8. ZeRO-1 shards the optimizer state
 (master + m + v), ZeRO-2 also the gradients, ZeRO-3 also the weights, over all ranks. The generator's EMA
-(fp32) is a full copy on every rank.
+(fp32) is a full copy on every rank. The EDM family (model.family=edm) has no discriminator: its step is
+one forward + backward of the denoiser's U-Net, and sampling costs one forward per network call (NFE).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from waveforge import config
+from waveforge import config, edm
 from waveforge.models import build_discriminator, build_generator, count_params
 from waveforge.models.layers import AttnBlock, ResBlock
 
@@ -106,8 +107,8 @@ def measure(cfg: config.Recipe) -> ModelCost:
     """
     m, d = cfg.model, cfg.diffusion
     with torch.device("meta"):
-        G = build_generator(m, d)
-        D = build_discriminator(m, d)
+        G = build_generator(m, d)  # the EDM denoiser's U-Net for model.family=edm (its preconditioning is elementwise)
+        D = build_discriminator(m, d) if m.family == "wavediff" else None
     r = m.resolution // 2
     blocks = [mod for mod in G.modules() if isinstance(mod, (ResBlock, AttnBlock))]
 
@@ -155,6 +156,11 @@ def measure(cfg: config.Recipe) -> ModelCost:
     (g1, blk1, flops_g_fwd_bwd), (g2, blk2, _) = g_pass(1, False), g_pass(2, False)
     (c1, _, _), (c2, _, _) = g_pass(1, True), g_pass(2, True)
     G.set_activation_checkpointing(False)
+    if D is None:
+        return ModelCost(g_params=count_params(G), d_params=0, g_act=g2 - g1, g_act_ckpt=c2 - c1,
+                         g_block_max=blk2 - blk1, d_act=0, d_act_r1=0, flops_g_fwd=flops_g_fwd,
+                         flops_g_fwd_bwd=flops_g_fwd_bwd, flops_d_fwd_bwd=0, flops_d_fwd_bwd_r1=0,
+                         flops_d_input_grad=0)
     (d1, flops_d), (d2, _) = d_pass(1, False, True), d_pass(2, False, True)
     (r1_1, flops_d_r1), (r1_2, _) = d_pass(1, True, True), d_pass(2, True, True)
     _, flops_d_in = d_pass(1, False, False)
@@ -212,11 +218,13 @@ def plan(cfg: config.Recipe) -> dict[str, Any]:
     cost = measure(cfg)
     ds = cfg.dist
     lazy = cfg.train.lazy_reg
-    # Per-sample FLOPs of one iteration (D step then G step), R1 amortised over its interval.
+    # Per-sample FLOPs of one iteration (D step then G step), R1 amortised over its interval; EDM: one step.
+    gan = cfg.model.family == "wavediff"
     d_step = (cost.flops_d_fwd_bwd + (cost.flops_d_fwd_bwd_r1 - cost.flops_d_fwd_bwd) / lazy
-              + cost.flops_g_fwd + cost.flops_d_fwd_bwd)
+              + cost.flops_g_fwd + cost.flops_d_fwd_bwd) if gan else 0
     g_step = cost.flops_g_fwd_bwd + cost.flops_d_input_grad
     per_sample = d_step + g_step
+    network_calls = cfg.diffusion.num_timesteps if gan else edm.network_calls(cfg)
     states = {"generator": state_bytes(cost.g_params, ds.zero_stage_g, ds.precision, world),
               "discriminator": state_bytes(cost.d_params, ds.zero_stage_d, ds.precision, world)}
     act = activation_bytes(cost, micro, ds.precision, ds.activation_checkpointing)
@@ -245,7 +253,8 @@ def plan(cfg: config.Recipe) -> dict[str, Any]:
         "flops": {"per_sample_train_iteration": per_sample, "per_gpu_train_iteration": per_sample * micro * accum,
                   "global_train_iteration": per_sample * cfg.train.batch_size,
                   "generator_forward_per_sample": cost.flops_g_fwd,
-                  "sampling_per_image": cost.flops_g_fwd * cfg.diffusion.num_timesteps},
+                  "sampling_per_image": cost.flops_g_fwd * network_calls,
+                  "sampling_network_calls": network_calls},
         "method": ("meta-device runs at full size, batch 1 and 2; activations = elements saved for backward per "
                    "sample (saved-tensor hooks, batch 2 minus batch 1, R1 double-backward graph included) x "
                    "per-GPU batch x dtype size; "

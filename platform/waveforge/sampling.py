@@ -30,8 +30,7 @@ def run_job(cfg: Recipe, run: str = "", num: int = 64, seed: int = 0, out: str =
 
         launch.init_distributed(cfg.dist.backend)
     dev = torch.device(device) if device else dist.device()
-    G, run_cfg, info = evaluate.load_generator(run, cfg.storage, dev)
-    generate = evaluate.generator_fn(G, run_cfg, dev)
+    generate, _, info = evaluate.load_sampler(cfg, run, dev)
     out_dir = Path(out or Path(run.removeprefix("file://")) / "samples")
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = list(range(int(seed), int(seed) + int(num)))

@@ -1,8 +1,9 @@
 """The training loop: a generator and a discriminator DeepSpeed engine, one flat function.
 
 Reading order: `main` (launcher-independent start) -> `training_loop` (everything a run does, top to
-bottom) -> `waveforge.diffusion.d_loss / g_loss` (the losses). Rules that keep two ZeRO engines correct
-(verified in ../shared/notes/stack-facts.md):
+bottom) -> `waveforge.diffusion.d_loss / g_loss` (the losses). The EDM family (model.family=edm) runs the
+same loop with one engine, "G" holding the denoiser, and `waveforge.edm.loss`. Rules that keep two ZeRO
+engines correct (verified in ../shared/notes/stack-facts.md):
 - D is frozen (`requires_grad_(False)`) during G's step, else ZeRO-2 reports "already been reduced";
 - wherever a graph runs through D outside `d_engine.backward` (R1's double backward, G's adversarial
   loss) D is called as `d_engine.module`, not `d_engine`;
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from waveforge import checkpoint, config, data, diffusion, dist, launch, models, tracking, wavelet
+from waveforge import checkpoint, config, data, diffusion, dist, edm, launch, models, tracking, wavelet
 from waveforge.config import Recipe
 
 PHASE_D, PHASE_G = 0, 1
@@ -55,12 +56,14 @@ def seed_phase(seed: int, step: int, rank: int, phase: int) -> None:
     torch.manual_seed(step_seed(seed, step, rank, phase))
 
 
-def lr_factor(step: int, total_steps: int, lr: float, lr_min: float, schedule: str) -> float:
-    """Multiplier of the base lr at `step`: cosine from lr down to lr_min over the run (reference: per epoch)."""
+def lr_factor(step: int, total_steps: int, lr: float, lr_min: float, schedule: str, warmup_steps: int = 0) -> float:
+    """Multiplier of the base lr at `step`: cosine from lr down to lr_min over the run (reference: per epoch),
+    or constant; times a linear ramp over the first `warmup_steps` (EDM's lr rampup)."""
+    ramp = min((step + 1) / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
     if schedule == "constant" or total_steps <= 0:
-        return 1.0
+        return ramp
     progress = min(step / total_steps, 1.0)
-    return (lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))) / lr
+    return ramp * (lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))) / lr
 
 
 def ds_config(*, zero_stage: int, precision: str, lr: float, betas: tuple[float, float], micro_batch: int,
@@ -84,11 +87,6 @@ def ds_config(*, zero_stage: int, precision: str, lr: float, betas: tuple[float,
 
 def engine_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def to_uint8(img: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 (the grid / FID input)."""
-    return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -152,12 +150,16 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
     data.ensure_dataset(cfg)
     loader = data.from_config(cfg, rank=rank, world=world, grad_accum=grad_accum)
 
-    # Models: identical initialisation on every rank (seeded), an fp32 EMA copy of G.
+    # Models: identical initialisation on every rank (seeded), an fp32 EMA copy of G. The EDM family
+    # trains one network, the denoiser, in G's place (same EMA, checkpoint and export path).
+    edm_family = cfg.model.family == "edm"
     torch.manual_seed(cfg.run.seed)
-    G = models.build_generator(cfg.model, cfg.diffusion)
-    D = models.build_discriminator(cfg.model, cfg.diffusion)
+    G = models.build_network(cfg.model, cfg.diffusion)
+    nets = {"G": (G, cfg.train.lr_g, cfg.dist.zero_stage_g)}
+    if not edm_family:
+        nets["D"] = (models.build_discriminator(cfg.model, cfg.diffusion), cfg.train.lr_d, cfg.dist.zero_stage_d)
     if cfg.dist.activation_checkpointing:
-        G.set_activation_checkpointing(True)
+        (G.net if edm_family else G).set_activation_checkpointing(True)
     ema = copy.deepcopy(G).eval().requires_grad_(False).to(device)
     sched = diffusion.make_schedule(cfg.diffusion, device)
 
@@ -166,18 +168,19 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
     patch = checkpoint.ds_config_patch(ckpt, world) if ckpt is not None else {}
     common = dict(precision=cfg.dist.precision, betas=(cfg.train.beta1, cfg.train.beta2), micro_batch=micro,
                   grad_accum=grad_accum, world=world, grad_clip=cfg.train.grad_clip)
+    warmup_steps = cfg.train.lr_warmup_images // cfg.train.batch_size
     engines = {}
-    for name, net, lr, stage in (("G", G, cfg.train.lr_g, cfg.dist.zero_stage_g),
-                                 ("D", D, cfg.train.lr_d, cfg.dist.zero_stage_d)):
+    for name, (net, lr, stage) in nets.items():
         ds_cfg = {**ds_config(zero_stage=stage, lr=lr, **common), **patch}
 
         def schedule(opt: torch.optim.Optimizer, lr: float = lr) -> torch.optim.lr_scheduler.LambdaLR:
             return torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: lr_factor(s, total_steps, lr, cfg.train.lr_min, cfg.train.lr_schedule))
+                opt, lambda s: lr_factor(s, total_steps, lr, cfg.train.lr_min, cfg.train.lr_schedule, warmup_steps))
 
         engines[name], *_ = deepspeed.initialize(model=net, model_parameters=[p for p in net.parameters()],
                                                  config=ds_cfg, lr_scheduler=schedule)
-    g_engine, d_engine = engines["G"], engines["D"]
+    g_engine, d_engine = engines["G"], engines.get("D")
+    stages = {name: stage for name, (_, _, stage) in nets.items()}
     dtype = engine_dtype(cfg.dist.precision)
 
     state: dict[str, Any] = {"step": 0, "images": 0, "loader": None, "run_id": None}
@@ -190,7 +193,7 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
                                      "Start a new run (another run.dir) or pass resume=never.")
         loader.load_state_dict(state["loader"])
         # Integrity: the loaded weights must be the saved ones (also after resharding to another world size).
-        loaded = weights_checksum(engines, cfg.dist.zero_stage_g, cfg.dist.zero_stage_d)
+        loaded = weights_checksum(engines, stages)
         saved_sum = state.get("weights_checksum")
         if saved_sum is not None and abs(loaded - saved_sum) > 1e-12 * max(1.0, abs(saved_sum)):
             raise RuntimeError(f"checkpoint {ckpt} loaded different weights than it saved "
@@ -237,7 +240,7 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
 
     def save(reason: str) -> Path:
         st = {"step": step, "images": images, "loader": loader.state_dict(), "run_id": run_id, "world": world,
-              "weights_checksum": weights_checksum(engines, cfg.dist.zero_stage_g, cfg.dist.zero_stage_d),
+              "weights_checksum": weights_checksum(engines, stages),
               "recipe": config.to_dict(cfg), "code_version": launch.code_version(), "reason": reason}
         path = checkpoint.save(run_dir, step, engines, ema, st, keep_last=cfg.checkpoint.keep_last,
                                milestone_every_images=cfg.checkpoint.milestone_every_images,
@@ -249,6 +252,41 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
     # Interval accumulators (summed on this rank, reduced over ranks once per interval).
     acc: dict[str, float] = {}
     timing = {"data": 0.0, "fwd_bwd": 0.0, "optim": 0.0}
+
+    def gan_step(images_mb: list[torch.Tensor]) -> dict[str, float]:
+        """One diffusion-GAN iteration on this rank's micro-batches (images in [-1, 1]): D step, then G step."""
+        x0s = [wavelet.to_wavelet(img) for img in images_mb]
+        do_r1 = cfg.train.r1_gamma > 0 and step % cfg.train.lazy_reg == 0
+
+        # D step: real vs fake (from a frozen G), lazy R1; one backward per micro-batch.
+        seed_phase(cfg.run.seed, step, rank, PHASE_D)
+        for x0 in x0s:
+            t = torch.randint(0, cfg.diffusion.num_timesteps, (x0.shape[0],), device=device)
+            z = torch.randn(x0.shape[0], cfg.model.nz, device=device)
+            loss_d, st_d = diffusion.d_loss(gen_frozen, disc, sched, x0, t, z, r1_gamma=cfg.train.r1_gamma,
+                                            do_r1=do_r1)
+            d_engine.backward(loss_d)
+            t2 = time.perf_counter()
+            d_engine.step()
+            timing["optim"] += time.perf_counter() - t2
+            _add(acc, st_d, len(x0s))
+        grad_norm_d = _grad_norm(d_engine)
+
+        # G step: D frozen and called through .module; adversarial + L1 reconstruction.
+        seed_phase(cfg.run.seed, step, rank, PHASE_G)
+        d_engine.module.requires_grad_(False)
+        for x0 in x0s:
+            t = torch.randint(0, cfg.diffusion.num_timesteps, (x0.shape[0],), device=device)
+            z = torch.randn(x0.shape[0], cfg.model.nz, device=device)
+            loss_g, st_g = diffusion.g_loss(gen, disc, sched, x0, t, z, rec_weight=cfg.train.rec_weight)
+            g_engine.backward(loss_g)
+            t2 = time.perf_counter()
+            g_engine.step()
+            timing["optim"] += time.perf_counter() - t2
+            _add(acc, st_g, len(x0s))
+        d_engine.module.requires_grad_(True)
+        return {"grad_norm_d": grad_norm_d, "grad_norm_g": _grad_norm(g_engine)}
+
     interval_start, interval_images, interval_steps = time.perf_counter(), 0, 0
     status = "finished"
     try:
@@ -256,39 +294,22 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
             # ---------------------------------------------------------------- one training iteration
             t0 = time.perf_counter()
             micro_batches = loader.next_step()
-            x0s = [wavelet.to_wavelet(mb["image"].to(device, non_blocking=True)) for mb in micro_batches]
+            images_mb = [mb["image"].to(device, non_blocking=True) for mb in micro_batches]
             t1 = time.perf_counter()
             timing["data"] += t1 - t0
-            do_r1 = cfg.train.r1_gamma > 0 and step % cfg.train.lazy_reg == 0
 
-            # D step: real vs fake (from a frozen G), lazy R1; one backward per micro-batch.
-            seed_phase(cfg.run.seed, step, rank, PHASE_D)
-            for x0 in x0s:
-                t = torch.randint(0, cfg.diffusion.num_timesteps, (x0.shape[0],), device=device)
-                z = torch.randn(x0.shape[0], cfg.model.nz, device=device)
-                loss_d, st_d = diffusion.d_loss(gen_frozen, disc, sched, x0, t, z, r1_gamma=cfg.train.r1_gamma,
-                                                do_r1=do_r1)
-                d_engine.backward(loss_d)
-                t2 = time.perf_counter()
-                d_engine.step()
-                timing["optim"] += time.perf_counter() - t2
-                _add(acc, st_d, len(x0s))
-            grad_norm_d = _grad_norm(d_engine)
-
-            # G step: D frozen and called through .module; adversarial + L1 reconstruction.
-            seed_phase(cfg.run.seed, step, rank, PHASE_G)
-            d_engine.module.requires_grad_(False)
-            for x0 in x0s:
-                t = torch.randint(0, cfg.diffusion.num_timesteps, (x0.shape[0],), device=device)
-                z = torch.randn(x0.shape[0], cfg.model.nz, device=device)
-                loss_g, st_g = diffusion.g_loss(gen, disc, sched, x0, t, z, rec_weight=cfg.train.rec_weight)
-                g_engine.backward(loss_g)
-                t2 = time.perf_counter()
-                g_engine.step()
-                timing["optim"] += time.perf_counter() - t2
-                _add(acc, st_g, len(x0s))
-            d_engine.module.requires_grad_(True)
-            grad_norm_g = _grad_norm(g_engine)
+            if edm_family:  # --------------------------------------- the EDM family: one denoising loss
+                seed_phase(cfg.run.seed, step, rank, PHASE_G)
+                for x0 in images_mb:
+                    loss, st = edm.loss(g_engine, x0, cfg.diffusion)
+                    g_engine.backward(loss)
+                    t2 = time.perf_counter()
+                    g_engine.step()
+                    timing["optim"] += time.perf_counter() - t2
+                    _add(acc, st, len(images_mb))
+                grad_norms = {"grad_norm": _grad_norm(g_engine)}
+            else:  # ------------------------------------------------------- the diffusion GAN: D step, G step
+                grad_norms = gan_step(images_mb)
 
             # EMA of G (gathered from ZeRO-3 shards when needed).
             decay = diffusion.ema_decay_at(images, cfg.train.batch_size, cfg.train.ema_decay,
@@ -301,7 +322,7 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
             step += 1
             images += cfg.train.batch_size
             timing["fwd_bwd"] += time.perf_counter() - t1
-            _add(acc, {"grad_norm_d": grad_norm_d, "grad_norm_g": grad_norm_g}, 1)
+            _add(acc, grad_norms, 1)
             interval_images += cfg.train.batch_size
             interval_steps += 1
 
@@ -314,7 +335,7 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
                 timing["fwd_bwd"] -= timing["optim"]  # forward + backward only
                 metrics = _reduce_metrics(acc, interval_steps, world)
                 metrics.update({
-                    "lr_g": g_engine.get_lr()[0], "lr_d": d_engine.get_lr()[0],
+                    "lr_g": g_engine.get_lr()[0], **({"lr_d": d_engine.get_lr()[0]} if d_engine else {}),
                     "images_per_s": interval_images / max(elapsed, 1e-9),
                     "s_per_step": elapsed / max(interval_steps, 1),
                     **{f"s_per_step_{k}": v / max(interval_steps, 1) for k, v in timing.items()},
@@ -326,13 +347,14 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
                     tracker.log_metrics(metrics, step=step)
                     with open(run_dir / "metrics.jsonl", "a") as f:  # a local copy, readable without MLflow
                         f.write(json.dumps({"step": step, **metrics}) + "\n")
+                shown = ("loss", "d_loss", "g_loss", "r1", "images_per_s")  # the EDM loss, the GAN losses
                 dist.print0(f"step {step:>7d}  img {images:>10d}  " + "  ".join(
-                    f"{k} {metrics[k]:.4g}" for k in ("loss_d", "loss_g", "r1", "images_per_s") if k in metrics))
+                    f"{k} {metrics[k]:.4g}" for k in shown if k in metrics))
                 acc.clear()
                 timing = dict.fromkeys(timing, 0.0)
                 interval_start, interval_images, interval_steps = time.perf_counter(), 0, 0
             if crossed(before, images, cfg.eval.every_images) and not final:
-                _evaluate(cfg, ema, sched, device, tracker, run_dir, step, images, rank, world)
+                _evaluate(cfg, ema, device, tracker, run_dir, step, images, rank, world)
             if final or stopping or crossed(before, images, cfg.checkpoint.every_images):
                 save("stop" if stopping else "final" if final else "interval")
             if stopping:
@@ -340,7 +362,7 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
                 dist.print0(f"stopped at step {step} on request; checkpoint written")
                 break
         if status == "finished" and cfg.eval.every_images and step >= last_step:
-            _evaluate(cfg, ema, sched, device, tracker, run_dir, step, images, rank, world)
+            _evaluate(cfg, ema, device, tracker, run_dir, step, images, rank, world)
     except BaseException as e:
         if rank == 0:
             tracker.close("FAILED", error=f"{type(e).__name__}: {e}")
@@ -367,12 +389,13 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
 # --------------------------------------------------------------------------------------------------
 
 
-def weights_checksum(engines: dict[str, Any], zero_stage_g: int, zero_stage_d: int) -> float:
-    """float64 sum of every G and D parameter (gathered from ZeRO-3 shards): identical on every rank."""
+def weights_checksum(engines: dict[str, Any], stages: dict[str, int]) -> float:
+    """float64 sum of every parameter of every engine (gathered from ZeRO-3 shards): identical on every rank."""
     import deepspeed
 
     total = 0.0
-    for engine, stage in ((engines["G"], zero_stage_g), (engines["D"], zero_stage_d)):
+    for name, engine in sorted(engines.items()):
+        stage = stages[name]
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params) if stage == 3 else nullcontext():
             total += float(sum(p.detach().double().sum() for p in params))
@@ -412,18 +435,13 @@ def _max_over_ranks(x: float) -> float:
     return float(t.item())
 
 
-def _evaluate(cfg: Recipe, ema: torch.nn.Module, sched: Any, device: torch.device, tracker: Any, run_dir: Path,
+def _evaluate(cfg: Recipe, ema: torch.nn.Module, device: torch.device, tracker: Any, run_dir: Path,
               step: int, images: int, rank: int, world: int) -> None:
-    """Periodic evaluation with the EMA generator: fixed-seed grid, sampling speed, FID/KID."""
+    """Periodic evaluation with the EMA generator (or denoiser): fixed-seed grid, sampling speed, FID/KID."""
     from waveforge import evaluate
 
-    shape = (cfg.model.channels * 4, cfg.model.resolution // 2, cfg.model.resolution // 2)
-
-    def generate(seeds: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            w = diffusion.sample_from_seeds(ema, sched, seeds, shape, cfg.model.nz, device)
-            return to_uint8(wavelet.from_wavelet(w)).cpu()
-
+    filt = edm.noise_filter(cfg, ema, device, run_dir) if cfg.model.family == "edm" else None
+    generate = evaluate.generator_fn(ema, cfg, device, noise_filter=filt)  # seed-indexed, as jobs/evaluate.py
     metrics: dict[str, float] = {}
     if rank == 0:
         grid = evaluate.make_grid(generate(list(range(cfg.eval.grid_size))),
@@ -437,7 +455,9 @@ def _evaluate(cfg: Recipe, ema: torch.nn.Module, sched: Any, device: torch.devic
     result = evaluate.evaluate_generator(cfg, generate, rank=rank, world=world, device=device)
     metrics.update(result)
     if rank == 0:
-        tracker.log_metrics({f"eval_{k}" if not k.startswith(("sampling_", "eval_")) else k: v
-                             for k, v in metrics.items()}, step=step)
+        named = {f"eval_{k}" if not k.startswith(("sampling_", "eval_")) else k: v for k, v in metrics.items()}
+        tracker.log_metrics(named, step=step)
+        with open(run_dir / "metrics.jsonl", "a") as f:  # next to the training metrics, readable without MLflow
+            f.write(json.dumps({"step": step, "images_seen": float(images), **named}) + "\n")
         dist.print0(f"eval at step {step} ({images} images): " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     dist.barrier()

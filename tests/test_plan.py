@@ -111,3 +111,5 @@ def test_plan_of_the_edm_family_has_no_discriminator(monkeypatch, capsys) -> Non
     assert p["flops"]["sampling_network_calls"] == 35  # 18 Heun steps
     assert p["flops"]["sampling_per_image"] == 35 * p["flops"]["generator_forward_per_sample"]
     assert p["activation_gib_per_gpu"]["d_step"] == 0
+    code, out, _ = _run_plan(monkeypatch, capsys, "recipe=edm_tiny")
+    assert code == 0 and "denoiser" in out and "D step" not in out and "network calls" in out

@@ -231,6 +231,7 @@ def plan(cfg: config.Recipe) -> dict[str, Any]:
     configured = total_bytes(cost, cfg, world, micro, ds.zero_stage_g, ds.zero_stage_d, ds.activation_checkpointing)
     return {
         "recipe": cfg.recipe,
+        "family": cfg.model.family,
         "world_size": world,
         "per_gpu_batch": micro,
         "grad_accum": accum,
@@ -266,6 +267,28 @@ def plan(cfg: config.Recipe) -> dict[str, Any]:
 def format_plan(p: dict[str, Any]) -> str:
     """Human-readable report of `plan(...)`."""
     s, a = p["state_gib_per_gpu"], p["activation_gib_per_gpu"]
+    if p.get("family") == "edm":  # one network, the denoiser: no discriminator lines
+        fl = p["flops"]
+        lines = [f"recipe {p['recipe']} (EDM family): {p['world_size']} GPU(s), per-GPU batch {p['per_gpu_batch']} "
+                 f"(grad_accum {p['grad_accum']}), {p['precision']}",
+                 f"  parameters       denoiser {p['generator_params'] / 1e6:.3f} M",
+                 f"  states per GPU   ZeRO-{p['zero_stage_g']}: weights {s['generator']['weights']:.2f} + grads "
+                 f"{s['generator']['grads']:.2f} + Adam {s['generator']['optimizer']:.2f} GiB; EMA {s['ema']:.2f} GiB",
+                 f"  activations/GPU  {a['g_step']:.2f} GiB (checkpointing "
+                 f"{'on' if p['activation_checkpointing'] else 'off'}); per sample "
+                 f"{p['activation_gib_per_sample']['generator']:.3f} GiB "
+                 f"({p['activation_gib_per_sample']['generator_checkpointed']:.3f} checkpointed)",
+                 f"  total per GPU    {p['total_gib_per_gpu']:.1f} GiB with the recipe's settings"]
+        for gb, f in p["fits"].items():
+            c = f["cheapest"]
+            need = (f"ZeRO-{c['zero_stage_g']}, checkpointing {'on' if c['activation_checkpointing'] else 'off'}: "
+                    f"{c['gib']:.1f} GiB" if c["fits"] else f"none ({c['gib']:.1f} GiB at ZeRO-3 + checkpointing)")
+            lines.append(f"  {gb} GPU        recipe settings {'fit' if f['with_recipe_settings'] else 'do NOT fit'}; "
+                         f"cheapest that fits: {need}")
+        lines += [f"  FLOPs            {fl['per_sample_train_iteration'] / 1e12:.3f} TFLOP per image per iteration; "
+                  f"sampling {fl['sampling_per_image'] / 1e9:.1f} GFLOP per image ({fl['sampling_network_calls']} "
+                  "network calls)", f"  method           {p['method']}"]
+        return "\n".join(lines)
     lines = [
         f"recipe {p['recipe']}: {p['world_size']} GPU(s), per-GPU batch {p['per_gpu_batch']} "
         f"(grad_accum {p['grad_accum']}), {p['precision']}",

@@ -361,21 +361,22 @@ def test_unreachable_endpoint_is_a_clear_error():
 
 
 def test_transient_read_errors_are_retried(synth, monkeypatch):
-    import webdataset
+    from fsspec.implementations.local import LocalFileSystem
 
     from waveforge import storage
 
     expected, _ = run_keys(synth, 1, 3)
     monkeypatch.setattr(storage, "BASE_DELAY_S", 0.01)
-    real, calls = webdataset.gopen, {"n": 0}
+    real, calls = LocalFileSystem.cat_file, {"n": 0}
 
-    def flaky(url, *args, **kw):
-        calls["n"] += 1
-        if calls["n"] <= 2:
-            raise ConnectionResetError("connection reset by peer (injected)")
-        return real(url, *args, **kw)
+    def flaky(self, path, *args, **kw):  # the first two shard reads fail like a dropped connection
+        if str(path).endswith(".tar"):
+            calls["n"] += 1
+            if calls["n"] <= 2:
+                raise ConnectionResetError("connection reset by peer (injected)")
+        return real(self, path, *args, **kw)
 
-    monkeypatch.setattr(webdataset, "gopen", flaky)
+    monkeypatch.setattr(LocalFileSystem, "cat_file", flaky)
     ld = ShardLoader("file://" + synth + "/index.json", global_batch=G, rank=0, world=1, seed=3)
     got = [[k for mb in ld.next_step() for k in mb["key"]] for _ in range(3)]
     assert got == expected and ld.stats()["read_retries"] == 2

@@ -28,8 +28,13 @@ global batch of each other. Within each epoch every sample of the manifest appea
 RANKS AND WORKERS. Rank r of w serves streams [r*S/w, (r+1)*S/w) (w must divide S): its share of the
 global batch is a contiguous slice, so the same sample sits at the same position of the global batch for
 any world size. Each shard is read by the one rank whose streams cover it (a shard at a segment boundary
-by the two neighbours). DataLoader workers split the rank's streams; the main process reassembles their
-output in stream order, so num_workers never changes the result.
+by the two neighbours). DataLoader workers split the rank's streams into contiguous runs (likewise: a shard is
+read by one worker, or two at a run boundary); the main process reassembles their output in stream order,
+so num_workers never changes the result.
+
+READING. A shard is fetched whole with one GET (fsspec cat_file) into memory by a background thread of its
+worker; each stream has its next shard (or shuffle block) in flight while it decodes the current one, and
+shards shared by neighbouring streams are fetched once (a small per-worker cache of recent shards).
 
 RESUME. The state is {step, global_batch, streams, seed, total samples, ...}; restarting fast-forwards each
 stream arithmetically from the manifest counts (no shard before the position is read), then skips inside
@@ -329,27 +334,21 @@ class StreamReader:
         return store.join(self.root, self.names[shard])
 
     def _read(self, shard: int) -> bytes:
+        """The whole shard in memory: one GET of the object (one read of a local file), retried on transient
+        errors, or the copy in cache_dir."""
         url = self.shard_url(shard)
 
         def on_retry(attempt: int, exc: BaseException) -> None:
             self._count("read_retries")
 
-        def gopen_read() -> bytes:
-            import webdataset as wds
-
-            with wds.gopen(url if not url.startswith("file://") else store.local_path(url), "rb") as f:
-                return f.read()
-
         if not self.cache_dir:
-            return store.with_retries(gopen_read, url, "reading shard", retries=self.retries, scfg=self.scfg,
-                                        on_retry=on_retry)
+            return store.read_bytes(url, self.scfg, self.retries, on_retry)
         tag = hashlib.sha1(self.root.encode()).hexdigest()[:12]
         local = os.path.join(self.cache_dir, tag, self.names[shard])
         if os.path.isfile(local) and os.path.getsize(local) == self.sizes[shard]:
             with open(local, "rb") as f:
                 return f.read()
-        data = store.with_retries(gopen_read, url, "reading shard", retries=self.retries, scfg=self.scfg,
-                                    on_retry=on_retry)
+        data = store.read_bytes(url, self.scfg, self.retries, on_retry)
         os.makedirs(os.path.dirname(local), exist_ok=True)
         tmp = f"{local}.tmp{os.getpid()}.{threading.get_ident()}"
         with open(tmp, "wb") as f:
@@ -482,7 +481,6 @@ class StreamReader:
 
     def steps(self) -> Iterator[dict[str, Any]]:
         """Per step: {"streams": [...], "image": uint8 (len(streams)*G/S,3,R,R), "key": [...], "stats": {...}}."""
-        register_gopen(self.scfg)  # also in worker processes (a fresh interpreter without the parent's handlers)
         self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-read")
         try:
             iters = [self._stream(s) for s in self.streams]
@@ -508,7 +506,8 @@ class StreamReader:
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
-    """One StreamReader per DataLoader worker; worker w reads the rank's streams w, w+n, w+2n, ..."""
+    """One StreamReader per DataLoader worker; the workers split the rank's streams into contiguous runs, so
+    neighbouring streams, which share the shard at their segment boundary, share one read of it."""
 
     def __init__(self, make_reader: Any, streams: list[int], num_workers: int):
         super().__init__()
@@ -518,7 +517,8 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         w = info.id if info is not None else 0
         torch.set_num_threads(1)
-        return self.make_reader(self.streams[w::self.num_workers]).steps()
+        k, n = len(self.streams), self.num_workers
+        return self.make_reader(self.streams[w * k // n:(w + 1) * k // n]).steps()
 
 
 def worker_context() -> Any:
@@ -547,7 +547,12 @@ def worker_context() -> Any:
 
 
 class ShardLoader:
-    """This rank's share of every global batch, split into grad_accum micro-batches (see module docstring)."""
+    """This rank's share of every global batch, split into grad_accum micro-batches (see module docstring).
+
+    With num_workers > 0 the worker processes start at construction and again at load_state_dict (each
+    prefetching two steps), so their start-up (importing torch in the forkserver, the first shard reads)
+    runs while the trainer builds its models instead of stalling the first step.
+    """
 
     def __init__(self, url: str, *, global_batch: int, rank: int, world: int, grad_accum: int = 1, seed: int = 0,
                  hflip: bool = True, num_workers: int = 0, cache_dir: str = "", on_error: str = "skip",
@@ -593,6 +598,9 @@ class ShardLoader:
         self._it: Iterator[dict[str, Any]] | None = None
         self._dl: Any = None
         self._worker_stats: dict[int, dict[str, int]] = {}
+        self._starting: tuple[threading.Thread, dict[str, Any]] | None = None
+        if self.num_workers:
+            self._start()  # worker start-up and the first shards overlap whatever the caller does next
 
     # ---- pipeline ----
 
@@ -603,20 +611,42 @@ class ShardLoader:
                                  cache_dir=self.cache_dir)
 
     def _start(self) -> None:
+        """(Re)start the pipeline at self._step. Worker processes are started by a background thread (their
+        start-up blocks for seconds while the forkserver imports torch); the next next_step() joins it."""
         self.close()
         if self.num_workers == 0:
             self._it = self._reader_factory()(self.my_streams).steps()
             return
         ds = _WorkerDataset(self._reader_factory(), self.my_streams, self.num_workers)
-        self._dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                               prefetch_factor=2, persistent_workers=False, in_order=True,
-                                               multiprocessing_context=worker_context())
-        self._it = iter(self._dl)
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
+                                         persistent_workers=False, in_order=True,
+                                         multiprocessing_context=worker_context())
+        box: dict[str, Any] = {}
+
+        def start() -> None:
+            try:
+                box["it"] = iter(dl)
+            except BaseException as e:  # noqa: BLE001 - re-raised by the next next_step()
+                box["error"] = e
+
+        self._dl = dl
+        self._starting = (threading.Thread(target=start, name="loader-start", daemon=True), box)
+        self._starting[0].start()
+
+    def _join_start(self) -> None:
+        if self._starting is not None:
+            thread, box = self._starting
+            thread.join()
+            self._starting = None
+            if "error" in box:
+                raise box["error"]
+            self._it = box["it"]
 
     def next_step(self) -> list[dict[str, Any]]:
         """The rank's share of the next global batch as grad_accum micro-batches (image float [-1,1], key)."""
-        if self._it is None:
+        if self._it is None and self._starting is None:
             self._start()
+        self._join_start()
         assert self._it is not None
         parts = [next(self._it) for _ in range(max(1, self.num_workers))]
         by_stream: dict[int, tuple[torch.Tensor, list[str]]] = {}
@@ -652,6 +682,8 @@ class ShardLoader:
                                   f"exact resume needs the same dataset, global batch, seed and shuffle window")
         self.close()
         self._step = int(d["step"])
+        if self.num_workers:
+            self._start()
 
     def stats(self) -> dict[str, int]:
         """Counters summed over this rank's readers: corrupt_samples, missing_shards, read_retries, ..."""
@@ -667,6 +699,9 @@ class ShardLoader:
 
     def close(self) -> None:
         """Stop readers and worker processes (the next next_step() starts them again at the same position)."""
+        if self._starting is not None:
+            self._starting[0].join()
+            self._it, self._starting = self._starting[1].get("it"), None
         it, self._it, self._dl = self._it, None, None
         if it is not None:
             if hasattr(it, "_shutdown_workers"):

@@ -22,6 +22,7 @@ from waveforge.diffusion import (
     q_sample_pairs,
     sample,
     sample_from_seeds,
+    seed_noise,
     set_requires_grad,
 )
 from waveforge.models import build_discriminator, build_generator
@@ -114,6 +115,21 @@ def test_seed_sampling_independent_of_batching():
     assert not torch.allclose(whole[0], whole[1])
     again = sample_from_seeds(G, s, [103], shape, nz, "cpu")
     assert torch.allclose(again[0], whole[3], atol=1e-5)
+
+
+def test_seed_sampling_uses_each_seeds_stream_in_seed_noise_order():
+    """x_T, then per step (T-1 .. 0) z then the posterior noise, from one CPU generator per seed: the images of
+    a seed stay the same when the sampler draws the numbers step by step."""
+    cfg = config.load("tiny")
+    torch.manual_seed(0)
+    G = build_generator(cfg.model, cfg.diffusion).eval()
+    s = make_schedule(cfg.diffusion)
+    shape, nz, seeds = (12, 16, 16), cfg.model.nz, [7, 3, 11]
+    per_seed = [seed_noise(seed, shape, nz, s.num_timesteps) for seed in seeds]
+    x_T = torch.stack([p[0] for p in per_seed])
+    zs = [torch.stack([p[1][k] for p in per_seed]) for k in range(s.num_timesteps)]
+    noises = [torch.stack([p[2][k] for p in per_seed]) for k in range(s.num_timesteps)]
+    assert torch.equal(sample_from_seeds(G, s, seeds, shape, nz, "cpu"), sample(G, s, x_T, zs, noises))
 
 
 def test_sampling_a_bf16_generator_keeps_the_chain_in_fp32():

@@ -134,7 +134,9 @@ def sample(G: Callable[..., torch.Tensor], sched: Schedule, x_T: torch.Tensor, l
     """Run the T-step sampler from x_T; returns x_0 (wavelet space, not clamped). G is called exactly T times.
 
     latents: a list of T tensors (B, nz), used in call order (the first at step T-1), or a callable
-    step -> (B, nz). noises: the same for the posterior noise (None = torch.randn_like).
+    step -> (B, nz). noises: the same for the posterior noise (None = torch.randn_like). Per step the
+    callables are called in the order latents(step), G, noises(step): the posterior noise is fetched after
+    G is launched, so on a GPU drawing it on the host overlaps the network's kernels.
     """
     # A module with 16-bit weights (a bf16 engine's module) gets 16-bit inputs; the chain stays in x_T's dtype.
     first = next(G.parameters(), None) if isinstance(G, nn.Module) else None
@@ -144,8 +146,8 @@ def sample(G: Callable[..., torch.Tensor], sched: Schedule, x_T: torch.Tensor, l
     for k, step in enumerate(reversed(range(sched.num_timesteps))):
         t = torch.full((B,), step, dtype=torch.long, device=x.device)
         z = latents(step) if callable(latents) else latents[k]
-        noise = None if noises is None else (noises(step) if callable(noises) else noises[k])
         x0_hat = G(x.to(g_dtype), t, z.to(g_dtype)).to(x.dtype)
+        noise = None if noises is None else (noises(step) if callable(noises) else noises[k])
         x = posterior_sample(sched, x0_hat, x, t, noise=noise)
     return x
 
@@ -171,15 +173,27 @@ def sample_from_seeds(G: Callable[..., torch.Tensor], sched: Schedule, seeds: Se
     """Samples (len(seeds), *shape) in wavelet space; sample i is a function of seeds[i] alone.
 
     shape: one sample's subband shape, e.g. (12, R/2, R/2). The same seed gives the same image whatever
-    the batch it is drawn in and however the seeds are split over ranks (up to float rounding).
+    the batch it is drawn in, however the seeds are split over ranks and on whichever device (up to float
+    rounding): every seed's numbers come from its own CPU generator in `seed_noise`'s order. They are drawn
+    step by step as the sampler needs them, so on a GPU a step's posterior noise is drawn while its
+    generator call runs, and sent through pinned memory without blocking.
     """
     if len(seeds) == 0:
         raise ValueError("sample_from_seeds: no seeds given")
-    per_seed = [seed_noise(s, shape, nz, sched.num_timesteps) for s in seeds]
-    x_T = torch.stack([p[0] for p in per_seed]).to(device)
-    zs = [torch.stack([p[1][k] for p in per_seed]).to(device) for k in range(sched.num_timesteps)]
-    noises = [torch.stack([p[2][k] for p in per_seed]).to(device) for k in range(sched.num_timesteps)]
-    return sample(G, sched, x_T, zs, noises)
+    device = torch.device(device)
+    shape = tuple(shape)
+    gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    pinned = device.type == "cuda"
+
+    def draw(size: tuple[int, ...]) -> torch.Tensor:
+        """The next `size` numbers of every seed's generator, stacked (len(seeds), *size), on `device`."""
+        host = torch.empty((len(gens), *size), pin_memory=pinned)
+        for row, g in zip(host, gens, strict=True):
+            torch.randn(size, generator=g, out=row)
+        return host.to(device, non_blocking=pinned)
+
+    x_T = draw(shape)
+    return sample(G, sched, x_T, latents=lambda step: draw((nz,)), noises=lambda step: draw(shape))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from waveforge.models.layers import (
     conv2d,
     group_norm,
     linear,
+    silu,
     timestep_embedding,
 )
 from waveforge.wavelet import dwt, idwt
@@ -176,7 +177,7 @@ class Generator(nn.Module):
                     highs.append(high)
                 else:
                     h = self._run(self.enc_down[level], h, temb, zemb)
-                pyramid = (self.enc_pyramid[level](pyramid) + h) * (1 / math.sqrt(2))
+                pyramid = self.enc_pyramid[level](pyramid).add_(h).mul_(1 / math.sqrt(2))  # (conv + h) / sqrt 2
                 h = pyramid
                 hs.append(h)
 
@@ -204,7 +205,7 @@ class Generator(nn.Module):
                 else:
                     h = self._run(self.dec_up[i], h, temb, zemb)
 
-        h = self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_out(silu(self.norm_out(h)))
         if self.patch_size > 1:
             h = F.pixel_shuffle(h, self.patch_size)
         return torch.tanh(h) if self.latent else h

@@ -51,6 +51,28 @@ def group_norm(channels: int, affine: bool = True) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=max(1, min(channels // 4, 32)), num_channels=channels, eps=1e-6, affine=affine)
 
 
+def silu(h: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when no autograd graph is being recorded (sampling: one pass, no new buffer)."""
+    return F.silu(h, inplace=not torch.is_grad_enabled())
+
+
+def group_norm_per_sample(h: torch.Tensor, num_groups: int, gamma: torch.Tensor, beta: torch.Tensor,
+                          eps: float) -> torch.Tensor:
+    """GroupNorm of h (B, C, H, W), then gamma * . + beta with a (gamma, beta) of shape (B, C) per sample.
+
+    One native group_norm call: the batch is folded into the channels, (1, B*C, H, W) with B*num_groups
+    groups (a group never spans two samples), and the per-sample (gamma, beta) become its affine weights,
+    so normalisation and modulation take one pass instead of two and no intermediate tensor.
+    """
+    B, C = h.shape[:2]
+    if h.is_contiguous():
+        out = F.group_norm(h.reshape(1, B * C, *h.shape[2:]), B * num_groups, gamma.reshape(-1).to(h.dtype),
+                           beta.reshape(-1).to(h.dtype), eps)
+        return out.reshape(h.shape)
+    # Other memory layouts (channels_last) cannot fold the batch into the channels without a copy.
+    return torch.addcmul(beta[:, :, None, None], gamma[:, :, None, None], F.group_norm(h, num_groups, eps=eps))
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_positions: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding of integer steps t (B,) -> (B, dim): [sin, cos] with geometric frequencies."""
     half = dim // 2
@@ -147,8 +169,8 @@ class AdaptiveGroupNorm(nn.Module):
     def forward(self, h: torch.Tensor, zemb: torch.Tensor | None) -> torch.Tensor:
         if self.style is None:
             return self.norm(h)
-        gamma, beta = self.style(zemb)[:, :, None, None].chunk(2, dim=1)
-        return torch.addcmul(beta, gamma, self.norm(h))
+        gamma, beta = self.style(zemb).chunk(2, dim=1)
+        return group_norm_per_sample(h, self.norm.num_groups, gamma, beta, self.norm.eps)
 
 
 class AttnBlock(nn.Module):
@@ -168,7 +190,7 @@ class AttnBlock(nn.Module):
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), scale 1/sqrt(C)
         h = self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
-        return (x + h) * (1 / math.sqrt(2))
+        return h.add_(x).mul_(1 / math.sqrt(2))  # (x + h) / sqrt(2), in the conv's fresh output
 
 
 class ResBlock(nn.Module):
@@ -202,7 +224,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, zemb: torch.Tensor | None,
                 high: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        h = F.silu(self.norm0(x, zemb))
+        h = silu(self.norm0(x, zemb))
         high_out = None
         if self.wavelet:
             h = self.conv0(h)
@@ -227,10 +249,11 @@ class ResBlock(nn.Module):
             h = self.conv0(h)
             if self.skip is not None:
                 x = self.skip(x)
-        h = h + self.temb(F.silu(temb))[:, :, None, None]
-        h = F.silu(self.norm1(h, zemb))
+        # In-place adds and scales below only touch fresh conv / wavelet outputs that no backward needs.
+        h = h.add_(self.temb(F.silu(temb))[:, :, None, None])
+        h = silu(self.norm1(h, zemb))
         h = self.conv1(self.dropout(h))
-        out = (x + h) * (1 / math.sqrt(2))
+        out = h.add_(x).mul_(1 / math.sqrt(2))  # (x + h) / sqrt(2)
         if self.wavelet and self.resample == "down":
             return out, high_out
         return out

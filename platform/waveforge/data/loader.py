@@ -160,18 +160,24 @@ def parse_tar(data: bytes, url: str) -> list[dict[str, Any]]:
     return list(wti.group_by_keys(files))
 
 
+_PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
 def decode_array(sample: dict[str, Any], resolution: int, flip: bool = False) -> np.ndarray | None:
-    """uint8 (R,R,3) array of the sample's image (mirrored if `flip`), or None when missing, undecodable or
-    the wrong size."""
+    """uint8 (R,R,3) array of the sample's image (mirrored if `flip`: a strided view, copied by the caller's
+    HWC->CHW copy), or None when missing, undecodable or the wrong size."""
     for ext in IMAGE_EXTS:
         if ext in sample:
+            hint = _PIL_FORMATS[ext]  # tried first; the other formats still decode a mislabelled file
+            formats = [hint, *(f for f in ("PNG", "JPEG", "WEBP") if f != hint)]
             try:
-                with Image.open(io.BytesIO(sample[ext])) as im:
-                    im = im if im.mode == "RGB" else im.convert("RGB")
-                    arr = np.asarray(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im)
+                with Image.open(io.BytesIO(sample[ext]), formats=formats) as im:
+                    arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
             except Exception:  # noqa: BLE001 - any decoding failure is a corrupt sample
                 return None
-            return arr if arr.shape == (resolution, resolution, 3) else None
+            if arr.shape != (resolution, resolution, 3):
+                return None
+            return arr[:, ::-1] if flip else arr
     return None
 
 
@@ -480,19 +486,16 @@ class StreamReader:
                 yield self._sample(e, i, shard, j, shards)
 
     def steps(self) -> Iterator[dict[str, Any]]:
-        """Per step: {"streams": [...], "image": uint8 (len(streams)*G/S,3,R,R), "key": [...], "stats": {...}}."""
+        """Per step: {"streams": [...], "image": uint8 numpy (len(streams)*G/S,3,R,R), "key": [...], "stats": {...}}."""
         self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-read")
         try:
             iters = [self._stream(s) for s in self.streams]
-            in_worker = torch.utils.data.get_worker_info() is not None
             n, res = len(self.streams) * self.per_stream, self.resolution
             while True:
-                # Decoded images go straight into a CHW batch; in a worker it is allocated in shared memory,
-                # so handing it to the main process copies nothing.
-                chw = torch.empty((n, 3, res, res), dtype=torch.uint8)
-                if in_worker:
-                    chw.share_memory_()
-                out, keys = chw.numpy(), []
+                # Decoded images go straight into a CHW uint8 batch. From a worker it travels as a plain
+                # numpy array through the DataLoader's pipe: one copy of a few hundred kB, far cheaper than
+                # a shared-memory tensor (a new segment per batch and a file-descriptor hand-over per tensor).
+                out, keys = np.empty((n, 3, res, res), dtype=np.uint8), []
                 for it in iters:
                     for _ in range(self.per_stream):
                         key, img = next(it)
@@ -500,7 +503,7 @@ class StreamReader:
                         keys.append(key)
                 with self._lock:
                     stats = dict(self.stats)
-                yield {"streams": self.streams, "image": chw, "key": keys, "stats": stats}
+                yield {"streams": self.streams, "image": out, "key": keys, "stats": stats}
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -619,7 +622,7 @@ class ShardLoader:
             return
         ds = _WorkerDataset(self._reader_factory(), self.my_streams, self.num_workers)
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
-                                         persistent_workers=False, in_order=True,
+                                         persistent_workers=False, in_order=True, collate_fn=_as_is,
                                          multiprocessing_context=worker_context())
         box: dict[str, Any] = {}
 
@@ -649,13 +652,13 @@ class ShardLoader:
         self._join_start()
         assert self._it is not None
         parts = [next(self._it) for _ in range(max(1, self.num_workers))]
-        by_stream: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        by_stream: dict[int, tuple[np.ndarray, list[str]]] = {}
         for w, part in enumerate(parts):
             self._worker_stats[w] = part["stats"]
             for n, s in enumerate(part["streams"]):
                 lo, hi = n * self.per_stream, (n + 1) * self.per_stream
                 by_stream[s] = (part["image"][lo:hi], part["key"][lo:hi])
-        chw = torch.cat([by_stream[s][0] for s in self.my_streams])
+        chw = torch.from_numpy(np.concatenate([by_stream[s][0] for s in self.my_streams]))
         keys = [k for s in self.my_streams for k in by_stream[s][1]]
         images = chw.to(torch.float32).div_(127.5).sub_(1.0)  # NCHW float in [-1, 1]
         self._step += 1
@@ -693,6 +696,12 @@ class ShardLoader:
                 out[k] = out.get(k, 0) + int(v)
         return out
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running DataLoader workers (none with num_workers=0 or before the first step)."""
+        self._join_start()
+        workers = getattr(self._it, "_workers", [])
+        return [w.pid for w in workers if w.pid is not None]
+
     @property
     def step(self) -> int:
         return self._step
@@ -714,6 +723,12 @@ class ShardLoader:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """DataLoader collate_fn: the worker's step as it is (the default would turn the numpy batch into a tensor,
+    which then travels through shared memory)."""
+    return batch
 
 
 def _make_reader(manifest: dict[str, Any], root: str, plan: Plan, per_stream: int, start_step: int,

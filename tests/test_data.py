@@ -305,6 +305,20 @@ def test_cache_dir_gives_the_same_batches(synth, tmp_path):
     assert a == b and len(list((tmp_path / "cache").rglob("*.tar"))) == 14
 
 
+def test_workers_read_a_shared_shard_once(tmp_path):
+    """Neighbouring streams share a shard: with 2 workers one epoch still reads each shard once, not once per
+    worker (8 shards of 40 samples, 16 streams of 20 samples: every shard is split between two streams)."""
+    out = str(tmp_path / "pairs")
+    make_shards("synthetic", out, 8, num_samples=320, samples_per_shard=40, progress=False)
+    ld = ShardLoader(out, global_batch=16, rank=0, world=1, num_workers=2, seed=0, hflip=False)
+    keys = [k for _ in range(20) for mb in ld.next_step() for k in mb["key"]]  # one epoch
+    reads = ld.stats()["shards_read"]
+    ld.close()
+    assert len(keys) == len(set(keys)) == 320  # the whole epoch, each sample once
+    # 8 for the epoch; the rest are the next epoch's first shards, read ahead (some already cached).
+    assert 8 <= reads < 16, reads
+
+
 # --------------------------------------------------------------------------------------------------
 # FID iteration and the trainer's dataset hook
 # --------------------------------------------------------------------------------------------------

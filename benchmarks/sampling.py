@@ -1,7 +1,7 @@
 """Sampling speed: seconds per batch of the T-step sampler, waveforge vs the reference WaveDiff.
 
     python benchmarks/sampling.py recipe=celebahq256 [batch=N] [repeats=N] [reference=/path/to/WaveDiff]
-                                  [precision=fp32|bf16] [key=value ...]
+                                  [precision=fp32|bf16] [threads=N] [key=value ...]
 
 Times what produces images from noise: the T generator calls with the posterior steps, then the inverse
 wavelet transform (the reference's own timing in test_wddgan.py --measure_time covers the same), random
@@ -33,6 +33,7 @@ JOB_KEYS = {
     "repeats": "timed batches after one warm-up batch (default: 10 on a GPU, 3 on CPU)",
     "reference": "path of a VinAIResearch/WaveDiff checkout to time side by side (optional)",
     "precision": "fp32 (default; the reference samples in fp32) or bf16 (autocast, waveforge only)",
+    "threads": "CPU threads for both samplers (default: torch's default, one per core)",
 }
 
 
@@ -136,6 +137,11 @@ def main() -> None:
     batch = int(args.job.get("batch", 100 if device.type == "cuda" else 2))
     repeats = int(args.job.get("repeats", 10 if device.type == "cuda" else 3))
     precision = str(args.job.get("precision", "fp32"))
+    if "threads" in args.job:
+        threads = int(args.job["threads"])
+        if threads < 1:
+            cli.fail(f"threads={threads} must be >= 1")
+        torch.set_num_threads(threads)
     if batch < 1 or repeats < 1:
         cli.fail(f"batch={batch} and repeats={repeats} must be >= 1")
     if precision not in ("fp32", "bf16"):
@@ -166,11 +172,15 @@ def main() -> None:
     # other processes share the cores.
     times: dict[str, list[float]] = {name: [] for name in samplers}
     cpu: dict[str, list[float]] = {name: [] for name in samplers}
-    for _ in range(repeats):
+    for r in range(repeats):
         for name, (fn, _) in samplers.items():
             c0 = time.process_time()
             times[name].append(sampling_speed(fn, batch, repeats=1, warmup=0)["s_per_batch"])
             cpu[name].append(time.process_time() - c0)
+        line = "  ".join(f"{name} {t[-1]:.3f} s (CPU {cpu[name][-1]:.2f} s)" for name, t in times.items())
+        if "reference" in times:
+            line += f"  ratio {times['reference'][-1] / times['waveforge'][-1]:.2f}x"
+        print(f"round {r + 1}/{repeats}: {line}", flush=True)
     median = {name: statistics.median(t) for name, t in times.items()}
     median_cpu = {name: statistics.median(t) for name, t in cpu.items()}
     for name, (_, n_params) in samplers.items():

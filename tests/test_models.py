@@ -55,6 +55,11 @@ def test_shapes_for_every_recipe(name):
     x = torch.randn(1, 4 * cfg.model.channels, r, r)
     t = torch.tensor([cfg.diffusion.num_timesteps - 1])
     z = torch.randn(1, cfg.model.nz)
+    if not G.latent:  # the EDM family: the raw denoiser network (linear output, no latent, no discriminator)
+        with torch.no_grad():
+            y = G(x, torch.tensor([0.5]))
+        assert y.shape == x.shape and torch.isfinite(y).all()
+        return
     with torch.no_grad():
         y = G(x, t, z)
         logits = D(y, t, x)

@@ -298,6 +298,16 @@ def test_missing_shard_is_reported_and_skipped(synth, tmp_path):
             strict.next_step()
 
 
+def test_shard_that_no_longer_matches_the_manifest_is_reported(synth, tmp_path):
+    url = _copy_dataset(synth, tmp_path / "c")
+    with open(Path(url, "shard-000007.tar"), "ab") as f:  # still a valid tar, but not the one the manifest lists
+        f.write(bytes(1024))
+    strict = ShardLoader(url, global_batch=G, rank=0, world=1, on_error="fail")
+    with pytest.raises(DataError, match="shard-000007.tar.*manifest lists"):
+        for _ in range(19):
+            strict.next_step()
+
+
 def test_cache_dir_gives_the_same_batches(synth, tmp_path):
     a, _ = run_keys(synth, 1, 20)
     ld = ShardLoader(synth, global_batch=G, rank=0, world=1, seed=3, cache_dir=str(tmp_path / "cache"))

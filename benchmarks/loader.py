@@ -16,6 +16,12 @@ memory (a burst of reads at start-up), so a timed run measures streaming only wh
 shard per stream: the defaults read about as many bytes during the timed steps as they decode (column
 "read/used"); world=1 (all 64 streams in one rank) needs far more steps and data to get there.
 
+On a machine shared with other work the samples/s ratio is biased: the loader runs three processes (main
+and two workers), the in-memory decode two, and contended cores are shared per process, so the loader's
+ratio rises with the other load. Samples per CPU second (all processes involved, S3 server included) do
+not depend on that load; on an otherwise idle machine where the loader is CPU-bound the two agree. The
+target check reports both.
+
 mode=trainer: a short run of the tiny recipe (python jobs/train.py recipe=tiny, one process, tracking,
 evaluation and checkpoints off) in a temporary folder; from its metrics.jsonl, the data wait
 (s_per_step_data) as a fraction of the step time (s_per_step) per logged interval and overall.
@@ -193,10 +199,11 @@ def bench_stream(o: dict[str, Any], tmp: Path, scfg: Any, server_pid: int | None
           f"{med['s3/mem']:>14.2f}{med['cpu s3/mem']:>11.2f}")
     print("(vs in-memory: median of the per-round ratios of samples/s; per CPU-s: the same for samples per CPU "
           "second of all the processes involved, S3 server included: insensitive to other load on the machine)")
-    ok = ratio_s3 >= STREAM_TARGET
-    print(f"target: S3 streaming >= {STREAM_TARGET:.0%} of in-memory decode with {workers} workers "
-          f"(median of per-round ratios): {ratio_s3:.0%} {'PASS' if ok else 'FAIL'}", flush=True)
-    return ok
+    wall_ok, cpu_ok = ratio_s3 >= STREAM_TARGET, med["cpu s3/mem"] >= STREAM_TARGET
+    print(f"target: S3 streaming >= {STREAM_TARGET:.0%} of in-memory decode with {workers} workers: "
+          f"samples/s {ratio_s3:.0%} {'PASS' if wall_ok else 'FAIL'}; per CPU second {med['cpu s3/mem']:.0%} "
+          f"{'PASS' if cpu_ok else 'FAIL'}", flush=True)
+    return wall_ok and cpu_ok
 
 
 # --------------------------------------------------------------------------------------------------

@@ -706,7 +706,7 @@ class ShardLoader:
         return out
 
     def worker_pids(self) -> list[int]:
-        """Process ids of the running DataLoader workers (none with num_workers=0 or before the first step)."""
+        """Process ids of the DataLoader workers (waits for their start; none with num_workers=0)."""
         self._join_start()
         workers = getattr(self._it, "_workers", [])
         return [w.pid for w in workers if w.pid is not None]

@@ -195,8 +195,9 @@ def test_per_sample_group_norm_equals_group_norm_then_modulation():
     ("celebahq256", SMALL),
 ])
 def test_inference_forward_equals_the_autograd_forward(name, overrides):
-    """Without autograd the generator works in place (SiLU, residual adds); it must give the same x0_hat
-    as the forward that records a graph, and leave its inputs untouched."""
+    """Without autograd the generator works in place (SiLU, residual adds, wavelet butterflies), also on
+    channels_last inputs (the CPU sampler's layout); it must give the same x0_hat as the forward that
+    records a graph, and leave its inputs untouched."""
     cfg, G, _ = _build(name, overrides)
     with torch.no_grad():  # random, non-zero weights everywhere (the zero-init convs included)
         for p in G.parameters():
@@ -211,7 +212,9 @@ def test_inference_forward_equals_the_autograd_forward(name, overrides):
         t, z = torch.tensor([0.3, 2.0]), None
     with torch.no_grad():
         fast = G(x, t, z)
+        fast_cl = G(x.contiguous(memory_format=torch.channels_last), t, z)  # the CPU sampler's layout
     plain = G(x, t, z)
     assert plain.requires_grad and torch.equal(x, x_copy)
     assert fast.abs().max() > 1e-3  # a real signal, not the near-zero output of the zero-init head
     assert torch.allclose(fast, plain.detach(), atol=1e-6, rtol=1e-5)
+    assert torch.allclose(fast_cl, plain.detach(), atol=1e-5, rtol=1e-5)

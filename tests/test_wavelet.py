@@ -101,3 +101,24 @@ def test_bad_shapes_raise():
         dwt(torch.zeros(1, 1, 5, 4))
     with pytest.raises(ValueError, match="4C"):
         idwt(torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_sampling_path_equals_the_differentiable_path(dtype, memory_format):
+    """Without autograd dwt/idwt take the add/sub butterfly: same values as the matrix form (to float
+    rounding), the input's memory layout kept."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 8, 10, generator=g).to(dtype).contiguous(memory_format=memory_format)
+    y = torch.randn(2, 24, 4, 5, generator=g).to(dtype).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        fast_dwt, fast_idwt = dwt(x), idwt(y)
+    graph_dwt, graph_idwt = dwt(x.clone().requires_grad_()), idwt(y.clone().requires_grad_())
+    assert graph_dwt.requires_grad and graph_idwt.requires_grad
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    assert torch.allclose(fast_dwt, graph_dwt.detach(), atol=tol) and fast_dwt.dtype == dtype
+    assert torch.allclose(fast_idwt, graph_idwt.detach(), atol=tol) and fast_idwt.dtype == dtype
+    for out in (fast_dwt, fast_idwt):
+        assert out.is_contiguous(memory_format=memory_format)
+    with torch.no_grad():  # bf16: the bands are rounded to bf16 in between
+        assert torch.allclose(idwt(dwt(x)).float(), x.float(), atol=5 * tol)

@@ -19,9 +19,11 @@ the order does not matter (every band goes through learned convolutions); at I/O
 channels of the 12 are which. `tests/test_wavelet.py` pins both facts.
 
 The transform is orthonormal (the inverse is the transpose), exact in fp32, written as one 4x4 matrix
-product per 2x2 block (a reshape, a permute and a matmul), so it is fast, differentiable to any order
-(R1 runs through it) and has no filter parameters. Inputs in bf16/fp16 are computed in fp32 and cast
-back (fp64 stays fp64, for gradcheck), with autocast disabled inside.
+product per 2x2 block (a reshape, a permute and a matmul) when autograd records it, so it is
+differentiable to any order (R1 runs through it) and has no filter parameters; without a graph
+(sampling) the same sums come from a two-stage add/sub butterfly on strided views written straight into
+the output, in the input's memory layout (channels_last stays channels_last). Inputs in bf16/fp16 are
+computed in fp32 and cast back (fp64 stays fp64, for gradcheck), with autocast disabled inside.
 """
 
 from __future__ import annotations
@@ -67,11 +69,34 @@ def _check_image(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: height and width must be even, got {tuple(x.shape[-2:])}")
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels_last tensor (that is not also plain contiguous), else contiguous."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _butterfly(x: torch.Tensor) -> bool:
+    """Use the add/sub form (written through `out=` views, which autograd cannot record): no graph to record."""
+    return not (x.requires_grad and torch.is_grad_enabled())
+
+
 def dwt(x: torch.Tensor) -> torch.Tensor:
     """One Haar level: (B, C, H, W) -> (B, 4C, H/2, W/2) = [LL, LH, HL, HH], each C channels."""
     _check_image(x, "dwt")
     B, C, H, W = x.shape
     h, w = H // 2, W // 2
+    if _butterfly(x):
+        # Without autograd: sums and differences of strided views written straight into the bands, in the
+        # input's memory layout (channels_last stays channels_last). Rows first: s = a+c | b+d, d = a-c | b-d.
+        xc = x.to(_compute_dtype(x))
+        top, bottom = xc[:, :, 0::2], xc[:, :, 1::2]
+        s, d = top + bottom, top - bottom
+        out = torch.empty((B, 4 * C, h, w), dtype=xc.dtype, device=x.device, memory_format=_memory_format(x))
+        torch.add(s[..., 0::2], s[..., 1::2], out=out[:, :C])  # LL: a + b + c + d
+        torch.add(d[..., 0::2], d[..., 1::2], out=out[:, C:2 * C])  # LH: a + b - c - d
+        torch.sub(s[..., 0::2], s[..., 1::2], out=out[:, 2 * C:3 * C])  # HL: a - b + c - d
+        torch.sub(d[..., 0::2], d[..., 1::2], out=out[:, 3 * C:])  # HH: a - b - c + d
+        return out.mul_(0.5).to(x.dtype)
     # (B, C, h, 2, w, 2) -> (B, [row in block, col in block], C*h*w): the 4 pixels of each block in rows
     # a, b, c, d; one (4x4) @ (4, C*h*w) product then gives the bands already in band-major order.
     ct = _compute_dtype(x)
@@ -86,6 +111,17 @@ def idwt(y: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"idwt: expected a (B, 4C, h, w) tensor, got shape {tuple(y.shape)}")
     B, C4, h, w = y.shape
     C = C4 // 4
+    if _butterfly(y):
+        # The same butterfly backwards, each pixel of the 2x2 blocks written through a strided view.
+        yc = y.to(_compute_dtype(y))
+        ll, lh, hl, hh = yc[:, :C], yc[:, C:2 * C], yc[:, 2 * C:3 * C], yc[:, 3 * C:]
+        p, q, r, s = ll + lh, hl + hh, ll - lh, hl - hh
+        out = torch.empty((B, C, 2 * h, 2 * w), dtype=yc.dtype, device=y.device, memory_format=_memory_format(y))
+        torch.add(p, q, out=out[:, :, 0::2, 0::2])  # a = (LL + LH + HL + HH) / 2
+        torch.sub(p, q, out=out[:, :, 0::2, 1::2])  # b = (LL + LH - HL - HH) / 2
+        torch.add(r, s, out=out[:, :, 1::2, 0::2])  # c = (LL - LH + HL - HH) / 2
+        torch.sub(r, s, out=out[:, :, 1::2, 1::2])  # d = (LL - LH - HL + HH) / 2
+        return out.mul_(0.5).to(y.dtype)
     # The matrix is orthogonal and symmetric: its inverse is itself.
     ct = _compute_dtype(y)
     with _exact(y.device):

@@ -69,8 +69,13 @@ def group_norm_per_sample(h: torch.Tensor, num_groups: int, gamma: torch.Tensor,
         out = F.group_norm(h.reshape(1, B * C, *h.shape[2:]), B * num_groups, gamma.reshape(-1).to(h.dtype),
                            beta.reshape(-1).to(h.dtype), eps)
         return out.reshape(h.shape)
-    # Other memory layouts (channels_last) cannot fold the batch into the channels without a copy.
-    return torch.addcmul(beta[:, :, None, None], gamma[:, :, None, None], F.group_norm(h, num_groups, eps=eps))
+    # Other memory layouts (channels_last) cannot fold the batch into the channels without a copy: normalise,
+    # then modulate (in place when no graph is recorded).
+    out = F.group_norm(h, num_groups, eps=eps)
+    gamma, beta = gamma[:, :, None, None].to(out.dtype), beta[:, :, None, None].to(out.dtype)
+    if torch.is_grad_enabled():
+        return torch.addcmul(beta, gamma, out)
+    return torch.addcmul(beta, gamma, out, out=out)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_positions: int = 10000) -> torch.Tensor:
@@ -189,7 +194,10 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), scale 1/sqrt(C)
-        h = self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        if x.is_contiguous(memory_format=torch.channels_last):  # keep a channels_last input's layout
+            h = h.contiguous(memory_format=torch.channels_last)
+        h = self.proj(h)
         return h.add_(x).mul_(1 / math.sqrt(2))  # (x + h) / sqrt(2), in the conv's fresh output
 
 

@@ -51,6 +51,15 @@ def group_norm(channels: int, affine: bool = True) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=max(1, min(channels // 4, 32)), num_channels=channels, eps=1e-6, affine=affine)
 
 
+def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 `conv` applied to x. On a channels_last x it is one matrix product over the (B, H, W, C) view
+    (PyTorch's own channels_last 1x1 conv on CPU takes a slow im2col path); otherwise the conv itself."""
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return conv(x)
+    out = F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias)  # (B, H, W, out), contiguous
+    return out.permute(0, 3, 1, 2)  # (B, out, H, W) in channels_last
+
+
 def silu(h: torch.Tensor) -> torch.Tensor:
     """SiLU, in place when no autograd graph is being recorded (sampling: one pass, no new buffer)."""
     return F.silu(h, inplace=not torch.is_grad_enabled())
@@ -192,12 +201,12 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
+        q, k, v = pointwise(self.qkv, self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), scale 1/sqrt(C)
         h = h.transpose(-1, -2).reshape(B, C, H, W)
         if x.is_contiguous(memory_format=torch.channels_last):  # keep a channels_last input's layout
             h = h.contiguous(memory_format=torch.channels_last)
-        h = self.proj(h)
+        h = pointwise(self.proj, h)
         return h.add_(x).mul_(1 / math.sqrt(2))  # (x + h) / sqrt(2), in the conv's fresh output
 
 
@@ -237,7 +246,7 @@ class ResBlock(nn.Module):
         if self.wavelet:
             h = self.conv0(h)
             if self.skip is not None:
-                x = self.skip(x)
+                x = pointwise(self.skip, x)
             if self.resample == "down":
                 C = h.shape[1]
                 hb = dwt(h)
@@ -256,7 +265,7 @@ class ResBlock(nn.Module):
                 h, x = blur_upsample(h), blur_upsample(x)
             h = self.conv0(h)
             if self.skip is not None:
-                x = self.skip(x)
+                x = pointwise(self.skip, x)
         # In-place adds and scales below only touch fresh conv / wavelet outputs that no backward needs.
         h = h.add_(self.temb(F.silu(temb))[:, :, None, None])
         h = silu(self.norm1(h, zemb))

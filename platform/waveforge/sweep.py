@@ -109,7 +109,8 @@ def run_sweep(cfg: Recipe, run: str, samplers: list[tuple[str, dict[str, str]]],
     if dist.rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         files = write_table(rows, out_dir, title=f"{info.get('source') or run} (step {info.get('step')}), "
-                                                 f"{cfg.eval.num_samples} samples, {cfg.eval.mode} features")
+                                                 f"{cfg.eval.num_samples} samples, "
+                                                 f"{cfg.eval.feature_extractor or cfg.eval.mode} features")
         _track(cfg, run_dir, out_dir, rows, files, info)
     dist.barrier()
     return rows

@@ -80,7 +80,7 @@ def main() -> None:
                                         "tracking.enabled=false", "eval.every_images=0", "checkpoint.every_images=0",
                                         "data.num_workers=1", "dist.activation_checkpointing=false"])
     loader = data.ShardLoader(str(shards), global_batch=batch, rank=0, world=1, seed=0)
-    images = loader.next_step()[0]["image"]
+    images = data.normalize(loader.next_step()[0]["image"])
     loader.close()
 
     plain = plain_steps(cfg, images, steps)

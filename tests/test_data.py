@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from waveforge import config
+from waveforge import config, data
 from waveforge.data import (
     DataError,
     ShardLoader,
@@ -59,7 +59,7 @@ def run_keys(url: str, world: int, steps: int, *, state: dict | None = None, num
             assert len(micro) == grad_accum
             for mb in micro:
                 assert mb["image"].shape == (global_batch // (world * grad_accum), 3, RES, RES)
-                assert mb["image"].dtype == torch.float32
+                assert mb["image"].dtype == torch.uint8
                 keys += mb["key"]
         batches.append(keys)
     states = [ld.state_dict() for ld in loaders]
@@ -217,7 +217,10 @@ def test_micro_batches_images_and_flips(synth):
     micro = ld.next_step()
     assert len(micro) == 4 and all(mb["image"].shape == (2, 3, RES, RES) for mb in micro)
     x = torch.cat([mb["image"] for mb in micro])
-    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
+    assert x.dtype == torch.uint8
+    f = data.normalize(x.clone())
+    assert f.min() >= -1 and f.max() <= 1 and f.std() > 0.1
+    torch.testing.assert_close(f, x.float() / 127.5 - 1)
     noflip = ShardLoader(synth, global_batch=G, rank=1, world=2, grad_accum=4, seed=3, hflip=False)
     y = torch.cat([mb["image"] for mb in noflip.next_step()])
     flipped = [bool(torch.equal(a, b.flip(-1))) and not torch.equal(a, b) for a, b in zip(x, y)]

@@ -88,7 +88,7 @@ def _plain_step(cfg: config.Recipe, shards: str, world: int) -> tuple[dict, dict
     for r in range(world):
         loader = data.ShardLoader(shards, global_batch=cfg.train.batch_size, rank=r, world=world,
                                   seed=cfg.run.seed, hflip=cfg.data.hflip, shuffle_window=cfg.data.shuffle_buffer)
-        x0.append(wavelet.to_wavelet(loader.next_step()[0]["image"]))
+        x0.append(wavelet.to_wavelet(data.normalize(loader.next_step()[0]["image"])))
         loader.close()
 
     def frozen(*a: torch.Tensor) -> torch.Tensor:

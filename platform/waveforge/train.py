@@ -294,7 +294,7 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
             # ---------------------------------------------------------------- one training iteration
             t0 = time.perf_counter()
             micro_batches = loader.next_step()
-            images_mb = [mb["image"].to(device, non_blocking=True) for mb in micro_batches]
+            images_mb = [data.normalize(mb["image"].to(device, non_blocking=True)) for mb in micro_batches]
             t1 = time.perf_counter()
             timing["data"] += t1 - t0
 

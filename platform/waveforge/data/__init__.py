@@ -15,7 +15,7 @@ from typing import Any
 
 _EXPORTS = {
     "DataError": "loader", "Plan": "loader", "ShardLoader": "loader", "from_config": "loader",
-    "iterate_dataset": "loader", "num_streams": "loader", "register_gopen": "loader",
+    "iterate_dataset": "loader", "normalize": "loader", "num_streams": "loader", "register_gopen": "loader",
     "ensure_dataset": "shards", "make_shards": "shards", "manifest_url": "shards", "read_manifest": "shards",
     "synthetic_image": "synthetic",
 }

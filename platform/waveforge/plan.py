@@ -64,12 +64,16 @@ class _SavedCounter:
         self.block_totals: list[int] = []
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in self.seen:
-            self.seen.add(id(t))
+        # Keyed by storage (a view saved next to its base, e.g. a reshape for a folded GroupNorm, costs
+        # nothing extra), counting the storage's elements once.
+        key = t.untyped_storage()._cdata
+        if key not in self.seen:
+            self.seen.add(key)
             self.keep.append(t)
-            self.total += t.numel()
+            n = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+            self.total += n
             if self.block_stack:
-                self.block_stack[-1][0] += t.numel()
+                self.block_stack[-1][0] += n
         return t
 
     def __enter__(self) -> _SavedCounter:

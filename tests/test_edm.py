@@ -277,3 +277,12 @@ def test_edm_resume_is_bit_exact(shards: str, tmp_path: Path) -> None:
     la = [r["loss"] for r in _rows(tmp_path / "a")]
     lb = [r["loss"] for r in _rows(tmp_path / "b")]
     assert la == lb and len(la) == 6
+
+
+def test_sweep_samplers_bad_input_exits_2(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args, msg in ((["samplers=hune"], "unknown sampler 'hune'"), (["steps=4,x"], "comma-separated list"),
+                      ([], "cannot load a generator")):
+        r = subprocess.run([sys.executable, str(REPO / "jobs/sweep_samplers.py"), "recipe=edm_tiny",
+                            f"run={tmp_path / 'nothing'}", *args], capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 2 and msg in r.stderr, (args, r.returncode, r.stderr[-2000:])

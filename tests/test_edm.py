@@ -153,6 +153,12 @@ def test_noise_filters_are_estimated_once_and_stored_with_the_run(tmp_path: Path
     # without a filter setting nothing is estimated
     plain = config.load("edm_tiny")
     assert edm.noise_filter(plain, D, "cpu", run) is None
+    # from the generated-vs-real spectrum gap (TDAS): the model's samples are drawn, the file is its own
+    gap_cfg = config.load("edm_tiny", [f"data.url={shards}", "sampler=pc", "steps=2", "noise_filter=pds",
+                                       "sampler.filter_source=gap", "sampler.filter_samples=32", "eval.batch_size=16"])
+    gap = edm.noise_filter(gap_cfg, D, "cpu", run)
+    assert (run / "noise_filters-gap.pt").is_file()
+    assert gap.freq.min() >= 1 - 1e-6 and gap.freq.max() <= 5 / 4 + 1e-6
 
 
 def test_pds_with_a_deterministic_sampler_is_a_clear_error() -> None:

@@ -149,7 +149,7 @@ def _real_batches(cfg: Recipe, num: int, device: torch.device | str) -> Iterator
 
     for batch in data.iterate_dataset(cfg.data.url, rank=0, world=1, batch_size=min(cfg.eval.batch_size, num),
                                       num_samples=num, storage=cfg.storage):
-        yield batch.to(device).float() / 127.5 - 1  # uint8 -> [-1, 1]
+        yield data.normalize(batch.to(device))
 
 
 def noise_filter(cfg: Recipe, D: torch.nn.Module | None, device: torch.device | str,
@@ -172,6 +172,8 @@ def noise_filter(cfg: Recipe, D: torch.nn.Module | None, device: torch.device | 
             if path is not None and path.is_file():
                 filt = samplers.NoiseFilter.load(str(path))
             else:
+                from waveforge import data
+
                 n = s.filter_samples
                 if s.filter_source == "data":
                     filt = samplers.estimate_filters(_real_batches(cfg, n, device), alpha=s.filter_alpha)
@@ -181,7 +183,7 @@ def noise_filter(cfg: Recipe, D: torch.nn.Module | None, device: torch.device | 
                     plain = _without_filter(cfg)
                     gen = generator_fn(D, plain, device)
                     bs = cfg.eval.batch_size
-                    fake = (gen(list(range(i, min(i + bs, n)))).to(device).float() / 127.5 - 1
+                    fake = (data.normalize(gen(list(range(i, min(i + bs, n)))).to(device))
                             for i in range(0, n, bs))
                     filt = samplers.estimate_filters_from_gap(_real_batches(cfg, n, device), fake,
                                                               alpha=s.filter_alpha)

@@ -707,6 +707,12 @@ def to_uint8(img: torch.Tensor) -> torch.Tensor:
     return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def local_folder(source: str) -> Path | None:
+    """`source` as a local folder (a run, checkpoint or export folder), or None for a URL or a file."""
+    local = Path(source.removeprefix("file://")).expanduser()
+    return local if local.is_dir() else None
+
+
 def load_sampler(cfg: Recipe, source: str, device: torch.device | str
                  ) -> tuple[Callable[[list[int]], torch.Tensor], Recipe, dict[str, Any]]:
     """(generate, run_cfg, info) for the model at `source` (see load_generator), collective.
@@ -721,8 +727,7 @@ def load_sampler(cfg: Recipe, source: str, device: torch.device | str
     if run_cfg.model.family == "edm":
         from waveforge import edm
 
-        local = Path(source.removeprefix("file://"))
-        filt = edm.noise_filter(run_cfg, G, device, local if local.is_dir() else None)
+        filt = edm.noise_filter(run_cfg, G, device, local_folder(source))
         info = {**info, **edm.describe(run_cfg)}
     return generator_fn(G, run_cfg, device, noise_filter=filt), run_cfg, info
 

@@ -86,8 +86,7 @@ def run_sweep(cfg: Recipe, run: str, samplers: list[tuple[str, dict[str, str]]],
     if run_cfg.model.family != "edm":
         raise ConfigError(f"{run} is a {run_cfg.model.family} model: the sampler sweep needs an EDM-family denoiser "
                           "(recipes edm_*); a diffusion GAN samples with its own T steps")
-    local_run = Path(run.removeprefix("file://"))
-    run_dir = local_run if local_run.is_dir() else None
+    run_dir = evaluate.local_folder(run)
     out_dir = Path(out) if out else (run_dir / "sweep" if run_dir is not None else Path("sweep"))
     points = [(name, opts, n) for name, opts in samplers for n in steps]
     configs = [point_config(run_cfg, cfg, name, opts, n) for name, opts, n in points]  # all errors before work

@@ -9,7 +9,8 @@ measured in interleaved rounds (in-memory, local, S3, in-memory, local, S3, ...)
 compare runs under the same machine load; the summary gives per-source medians and the median of the
 per-round ratios. Every loader run is a fresh ShardLoader with its own seed (a new shard order: nothing
 is served from an earlier run's cache), timed after three warm-up steps. Target: S3 >= 80% of in-memory.
-Keys: resolution=64 num_samples=8192 samples_per_shard=256 world=8 batch=64 workers=2 steps=100 rounds=5
+Keys: resolution=64 num_samples=8192 samples_per_shard=256 (or 0 and shard_mb=8) world=8 batch=64 workers=2
+steps=100 rounds=5
 encoding=png bucket=waveforge-bench. The defaults are one rank of an 8-rank job: 8 of the 64 streams,
 8 samples per stream and step, ~1 MiB shards. The loader keeps each stream's current and next shard in
 memory (a burst of reads at start-up), so a timed run measures streaming only when it is long against a
@@ -155,8 +156,9 @@ def bench_stream(o: dict[str, Any], tmp: Path, scfg: Any, server_pid: int | None
     res, workers, batch, steps = int(o["resolution"]), int(o["workers"]), int(o["batch"]), int(o["steps"])
     world = int(o["world"])
     local = str(tmp / "shards")
-    s3 = f"s3://{o['bucket']}/synthetic-{res}-{o['encoding']}-{o['num_samples']}-{o['samples_per_shard']}"
-    s = make_shards("synthetic", local, res, num_samples=int(o["num_samples"]),
+    per_shard = f"{o['samples_per_shard']}" if int(o["samples_per_shard"]) else f"{o['shard_mb']}mb"
+    s3 = f"s3://{o['bucket']}/synthetic-{res}-{o['encoding']}-{o['num_samples']}-{per_shard}"
+    s = make_shards("synthetic", local, res, num_samples=int(o["num_samples"]), shard_mb=float(o["shard_mb"]),
                     samples_per_shard=int(o["samples_per_shard"]), encoding=o["encoding"], workers=2, progress=False)
     fs, path = storage.filesystem(s3, scfg)
     fs.put(local + "/", path, recursive=True)  # the same bytes in the bucket
@@ -267,7 +269,8 @@ def main(argv: list[str]) -> None:
     keys = {"mode": "all (default), stream or trainer",
             "resolution": "stream: image size (default 64)",
             "num_samples": "stream: synthetic images (default 8192)",
-            "samples_per_shard": "stream: default 256",
+            "samples_per_shard": "stream: default 256 (0: shards of shard_mb MiB)",
+            "shard_mb": "stream: shard size in MiB when samples_per_shard=0 (default 8)",
             "world": "stream: ranks of the simulated job; rank 0 is measured (default 8)",
             "batch": "stream: samples per step of the rank (default 64)",
             "workers": "stream: DataLoader workers (default 2)",
@@ -279,8 +282,8 @@ def main(argv: list[str]) -> None:
             "log_steps": "trainer: steps per logged interval (default 5)",
             "trainer_source": "trainer: local (default) or s3"}
     args = cli.parse(argv, "loader", __doc__, job_keys=keys, recipe=False)
-    o = {"mode": "all", "resolution": 64, "num_samples": 8192, "samples_per_shard": 256, "world": 8, "batch": 64,
-         "workers": 2, "steps": 100, "rounds": 5, "encoding": "png", "bucket": "waveforge-bench",
+    o = {"mode": "all", "resolution": 64, "num_samples": 8192, "samples_per_shard": 256, "shard_mb": 8, "world": 8,
+         "batch": 64, "workers": 2, "steps": 100, "rounds": 5, "encoding": "png", "bucket": "waveforge-bench",
          "train_steps": 30, "log_steps": 5, "trainer_source": "local", **args.job}
     if o["mode"] not in ("all", "stream", "trainer"):
         raise SystemExit(f"error: mode={o['mode']!r}: expected all, stream or trainer")

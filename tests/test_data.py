@@ -229,6 +229,64 @@ def test_micro_batches_images_and_flips(synth):
                           "shards_read": ld.stats()["shards_read"], "bytes_read": ld.stats()["bytes_read"]}
 
 
+def test_worker_batches_equal_in_process_batches_and_stay_valid(synth):
+    """Workers hand batches over through shared-memory rings: every batch a caller keeps stays intact while
+    the workers go on writing (the loader copies a batch out before its slot is reused)."""
+    kept = []
+    ld = ShardLoader(synth, global_batch=G, rank=0, world=1, seed=5, num_workers=2)
+    for _ in range(12):  # more steps than a ring has slots
+        kept.append(torch.cat([mb["image"] for mb in ld.next_step()]))
+    ld.close()
+    ref = ShardLoader(synth, global_batch=G, rank=0, world=1, seed=5)
+    for x in kept:
+        assert torch.equal(x, torch.cat([mb["image"] for mb in ref.next_step()]))
+
+
+def test_ring_slot_waits_for_release():
+    import multiprocessing as mp
+    import threading
+
+    from waveforge.data.loader import _Ring
+
+    ring = _Ring(mp.get_context("spawn"), 2, (1, 3, 2, 2))
+    a, b = ring.acquire(0), ring.acquire(1)
+    assert a.shape == (1, 3, 2, 2) and not np.shares_memory(a, b)
+    got = []
+    t = threading.Thread(target=lambda: got.append(ring.acquire(2)))
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and not got  # slot 0 is not released yet: the writer waits
+    ring.release()
+    t.join(5)
+    assert not t.is_alive() and np.shares_memory(got[0], a)
+
+
+def test_decoders_agree_and_pil_takes_what_torchvision_rejects():
+    from waveforge.data.loader import _decode_pil, _decode_torchvision, decode_image
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    images = {"RGB": Image.fromarray(rgb), "RGBA": Image.fromarray(rgb).convert("RGBA"),
+              "L": Image.fromarray(rgb).convert("L"), "P": Image.fromarray(rgb).quantize(16)}
+    for mode, im in images.items():
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        tv, pil = _decode_torchvision(buf.getvalue()), _decode_pil(buf.getvalue(), "png")
+        assert tv is not None and torch.equal(tv, pil), mode  # the same pixels from either decoder
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+    tv, pil = _decode_torchvision(buf.getvalue()), _decode_pil(buf.getvalue(), "jpg")
+    assert tv is not None and (tv.int() - pil.int()).abs().max() <= 2  # libjpeg builds may round apart
+    buf = io.BytesIO()
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(buf, format="PNG")  # mode I;16
+    assert _decode_torchvision(buf.getvalue()) is None  # 16-bit: torchvision gives uint16, PIL converts
+    img = decode_image({"png": buf.getvalue()}, 8)
+    assert img is not None and img.dtype == torch.uint8 and img.shape == (3, 8, 8)
+    flipped = decode_image({"png": buf.getvalue()}, 8, flip=True)
+    assert torch.equal(flipped, img.flip(-1)) and flipped.is_contiguous()
+    assert decode_image({"png": b"not a png"}, 8) is None and decode_image({"png": buf.getvalue()}, 16) is None
+
+
 def test_geometry_errors(synth):
     with pytest.raises(config.ConfigError, match=r"number of ranks \(3\) must divide 16"):
         ShardLoader(synth, global_batch=G, rank=0, world=3)

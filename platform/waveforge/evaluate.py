@@ -787,7 +787,7 @@ def make_grid(images: torch.Tensor, nrow: int = 8) -> Image.Image:
     grid = grid.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
     if c == 1:
         grid = grid.expand(-1, -1, 3)
-    return Image.fromarray(grid.contiguous().numpy(), mode="RGB")
+    return Image.fromarray(grid.contiguous().numpy())  # uint8 (H, W, 3): RGB
 
 
 def sampling_speed(generate_batch: Callable[[], Any], batch_size: int, repeats: int = 5,

@@ -242,6 +242,35 @@ def test_worker_batches_equal_in_process_batches_and_stay_valid(synth):
         assert torch.equal(x, torch.cat([mb["image"] for mb in ref.next_step()]))
 
 
+def test_worker_failures_reach_the_caller(synth, tmp_path):
+    """A worker's error is raised by next_step (same type and message), a killed worker is a DataError
+    within seconds, not a hang, and close() leaves no worker process behind."""
+    import signal
+    import time
+
+    url = _copy_dataset(synth, tmp_path / "w")
+    Path(url, "shard-000004.tar").write_bytes(b"garbage" * 100)  # unreadable: with on_error=fail, an error
+    strict = ShardLoader(url, global_batch=G, rank=0, world=1, num_workers=2, on_error="fail", seed=3)
+    with pytest.raises(DataError, match="shard-000004"):
+        for _ in range(40):
+            strict.next_step()
+    strict.close()
+    ld = ShardLoader(synth, global_batch=G, rank=0, world=1, num_workers=2, seed=3)
+    ld.next_step()
+    pids = ld.worker_pids()
+    assert len(pids) == 2
+    os.kill(pids[1], signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(DataError, match="exited unexpectedly"):
+        for _ in range(20):  # the steps it finished before dying still arrive
+            ld.next_step()
+    assert time.monotonic() - start < 30
+    ld.close()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 def test_ring_slot_waits_for_release():
     import multiprocessing as mp
     import threading

@@ -29,7 +29,7 @@ global batch of each other. Within each epoch every sample of the manifest appea
 RANKS AND WORKERS. Rank r of w serves streams [r*S/w, (r+1)*S/w) (w must divide S): its share of the
 global batch is a contiguous slice, so the same sample sits at the same position of the global batch for
 any world size. Each shard is read by the one rank whose streams cover it (a shard at a segment boundary
-by the two neighbours). DataLoader workers split the rank's streams into contiguous runs (likewise: a shard is
+by the two neighbours). Worker processes split the rank's streams into contiguous runs (likewise: a shard is
 read by one worker, or two at a run boundary); the main process reassembles their output in stream order,
 so num_workers never changes the result.
 
@@ -37,8 +37,10 @@ READING. A shard is fetched whole into memory with one ranged GET (no HEAD: its 
 a background thread of its worker; each stream has its next shard (or shuffle block) in flight while it
 decodes the current one, and shards shared by neighbouring streams are fetched once (a small per-worker
 cache of recent shards). Each worker decodes into a small ring of uint8 batch buffers in shared memory; only
-the keys and counters of a step travel through the DataLoader's pipe, and the main process copies the batch
-out once (a pipe would copy it five times and cost the main process more CPU than the copy).
+the keys and counters of a step travel through a pipe, and the main process copies the batch out once. The
+workers are plain processes (no torch DataLoader): the ring's free-slot semaphore is the flow control (a
+worker runs at most 4 steps ahead), a worker's exception is re-raised by next_step(), and a dead worker is
+a DataError within a second, never a hang.
 
 RESUME. The state is {step, global_batch, streams, seed, total samples, ...}; restarting fast-forwards each
 stream arithmetically from the manifest counts (no shard before the position is read), then skips inside
@@ -77,7 +79,7 @@ from waveforge.config import MAX_DATA_STREAMS, ConfigError, StorageConfig, data_
 from waveforge.data.shards import dataset_root, manifest_url, read_manifest
 
 MAX_STREAMS = MAX_DATA_STREAMS
-_PREFETCH = 2  # steps per DataLoader worker in flight
+_RING_SLOTS = 4  # step batches per worker's shared-memory ring: how far a worker may run ahead
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 STATE_FORMAT = "waveforge-loader/1"
 
@@ -364,7 +366,7 @@ class Plan:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading streams (runs in DataLoader workers, or in the main process with num_workers=0)
+# Reading streams (runs in worker processes, or in the main process with num_workers=0)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -568,15 +570,15 @@ class StreamReader:
 
     def steps(self, ring: _Ring | None = None) -> Iterator[dict[str, Any]]:
         """Per step: {"streams": [...], "key": [...], "stats": {...}} and the step's uint8 images
-        (len(streams)*G/S,3,R,R): without `ring` a new numpy array under "image"; with a ring (a DataLoader
-        worker) written into its next free slot, whose number goes under "slot"."""
+        (len(streams)*G/S,3,R,R): without `ring` a new numpy array under "image"; with a ring (a worker
+        process) written into its next free slot, whose number goes under "slot"."""
         self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-read")
         try:
             iters = [self._stream(s) for s in self.streams]
             n, res = len(self.streams) * self.per_stream, self.resolution
             for j in itertools.count():
                 # Decoded images are copied into a CHW uint8 batch: from a worker, into shared memory, so
-                # that only the keys and counters travel through the DataLoader's pipe.
+                # that only the keys and counters travel through the pipe.
                 if ring is None:
                     out = np.empty((n, 3, res, res), dtype=np.uint8)
                 else:
@@ -595,47 +597,99 @@ class StreamReader:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+class _Stopped(Exception):
+    """The loader closed (or its process died) while a worker waited for a free ring slot."""
+
+
 class _Ring:
     """A worker's output buffers in shared memory: `slots` step batches, written in turn.
 
     The worker writes step j into slot j % slots after acquire(j), which waits until the main process has
     released the slot's previous content (release() after copying a step out). A semaphore counts the free
-    slots, so a slow consumer can never have a batch overwritten under it. (The DataLoader keeps at most
-    prefetch_factor steps per worker in flight, fewer than the slots: the wait is a guarantee, not a brake.)
+    slots: it is the whole flow control between a worker and the main process (a worker runs at most `slots`
+    steps ahead), and a slow consumer can never have a batch overwritten under it.
     """
 
     def __init__(self, ctx: Any, slots: int, shape: tuple[int, ...]):
         self.slots = slots
         self.buf = torch.empty((slots, *shape), dtype=torch.uint8).share_memory_()
         self.free = ctx.Semaphore(slots)
+        self.stop = ctx.Event()
         self._ppid: int | None = None
 
     def acquire(self, j: int) -> np.ndarray:
         if self._ppid is None:
             self._ppid = os.getppid()
-        while not self.free.acquire(timeout=1.0):
-            if os.getppid() != self._ppid:  # the main process died: nobody will release a slot
-                raise RuntimeError("data loader worker: the main process is gone")
+        while not self.free.acquire(timeout=0.5):
+            if self.stop.is_set() or os.getppid() != self._ppid:  # closed, or the main process died
+                raise _Stopped
         return self.buf[j % self.slots].numpy()
 
     def release(self) -> None:
         self.free.release()
 
 
-class _WorkerDataset(torch.utils.data.IterableDataset):
-    """One StreamReader per DataLoader worker; the workers split the rank's streams into contiguous runs, so
-    neighbouring streams, which share the shard at their segment boundary, share one read of it. Worker w
-    writes its steps into rings[w]."""
+def _worker_main(make_reader: Any, streams: list[int], ring: _Ring, conn: Any) -> None:
+    """A loader worker process: its streams' steps into `ring`, one small message per step through `conn`
+    ({"slot", "key", "streams", "stats"}), or {"error", "traceback"} when reading fails."""
+    import traceback
 
-    def __init__(self, make_reader: Any, streams: list[int], num_workers: int, rings: list[_Ring]):
-        super().__init__()
-        self.make_reader, self.streams, self.num_workers, self.rings = make_reader, streams, num_workers, rings
+    torch.set_num_threads(1)
+    try:
+        for step in make_reader(streams).steps(ring):
+            conn.send(step)
+            if ring.stop.is_set():
+                return
+    except _Stopped:
+        return
+    except BaseException as e:  # noqa: BLE001 - handed to the main process, which re-raises it
+        try:
+            conn.send({"error": e, "traceback": traceback.format_exc()})
+        except Exception:  # noqa: BLE001 - an exception that does not pickle: send its text
+            conn.send({"error": RuntimeError(f"{type(e).__name__}: {e}"), "traceback": traceback.format_exc()})
+    finally:
+        conn.close()
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        w = info.id if info is not None else 0
-        torch.set_num_threads(1)
-        return self.make_reader(worker_streams(self.streams, self.num_workers, w)).steps(self.rings[w])
+
+class _Worker:
+    """One worker process of a ShardLoader, its ring and the pipe its step messages arrive through."""
+
+    def __init__(self, ctx: Any, make_reader: Any, streams: list[int], ring: _Ring, name: str):
+        self.ring = ring
+        self.conn, send = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_worker_main, args=(make_reader, streams, ring, send), name=name, daemon=True)
+        self.proc.start()
+        send.close()  # the child holds the write end: end-of-file here when it exits
+
+    def recv(self) -> dict[str, Any]:
+        """The worker's next step message; a worker's exception is re-raised here, a dead worker is an error
+        (checked every second while waiting: nothing waits forever)."""
+        while not self.conn.poll(1.0):
+            if not self.proc.is_alive() and not self.conn.poll(0):
+                break
+        try:
+            msg = self.conn.recv()
+        except EOFError:
+            self.proc.join(5)
+            raise DataError(f"data loader worker {self.proc.name} (pid {self.proc.pid}) exited unexpectedly "
+                            f"(exit code {self.proc.exitcode})") from None
+        if "error" in msg:
+            err = msg["error"]
+            err.add_note(f"in data loader worker {self.proc.name} (pid {self.proc.pid}):\n{msg['traceback']}")
+            raise err
+        return msg
+
+    def stop(self) -> None:
+        """Ask the worker to exit (it stops at its next step or slot wait), then make sure it did."""
+        self.ring.stop.set()
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
 
 
 def worker_streams(streams: list[int], num_workers: int, w: int) -> list[int]:
@@ -719,11 +773,10 @@ class ShardLoader:
         self.total_samples = self.plan.N
         self.micro = global_batch // (world * grad_accum)
         self._step = 0
-        self._it: Iterator[dict[str, Any]] | None = None
-        self._dl: Any = None
+        self._it: Iterator[dict[str, Any]] | None = None  # num_workers=0: the steps of an in-process reader
+        self._workers: list[_Worker] = []
         self._worker_stats: dict[int, dict[str, int]] = {}
         self._starting: tuple[threading.Thread, dict[str, Any]] | None = None
-        self._rings: list[_Ring] = []
         if self.num_workers:
             self._start()  # worker start-up and the first shards overlap whatever the caller does next
 
@@ -743,22 +796,18 @@ class ShardLoader:
             self._it = self._reader_factory()(self.my_streams).steps()
             return
         ctx = worker_context()
-        res, nw = self.resolution, self.num_workers
-        self._rings = [_Ring(ctx, _PREFETCH + 2, (len(worker_streams(self.my_streams, nw, w)) * self.per_stream, 3,
-                                                  res, res)) for w in range(nw)]
-        ds = _WorkerDataset(self._reader_factory(), self.my_streams, nw, self._rings)
-        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw, prefetch_factor=_PREFETCH,
-                                         persistent_workers=False, in_order=True, collate_fn=_as_is,
-                                         multiprocessing_context=ctx)
-        box: dict[str, Any] = {}
+        res, nw, make_reader = self.resolution, self.num_workers, self._reader_factory()
+        runs = [worker_streams(self.my_streams, nw, w) for w in range(nw)]
+        rings = [_Ring(ctx, _RING_SLOTS, (len(run) * self.per_stream, 3, res, res)) for run in runs]
+        box: dict[str, Any] = {"workers": []}
 
         def start() -> None:
             try:
-                box["it"] = iter(dl)
+                for w, (run, ring) in enumerate(zip(runs, rings)):
+                    box["workers"].append(_Worker(ctx, make_reader, run, ring, f"loader-r{self.rank}-w{w}"))
             except BaseException as e:  # noqa: BLE001 - re-raised by the next next_step()
                 box["error"] = e
 
-        self._dl = dl
         self._starting = (threading.Thread(target=start, name="loader-start", daemon=True), box)
         self._starting[0].start()
 
@@ -767,29 +816,31 @@ class ShardLoader:
             thread, box = self._starting
             thread.join()
             self._starting = None
+            self._workers = box["workers"]
             if "error" in box:
+                self.close()
                 raise box["error"]
-            self._it = box["it"]
 
     def next_step(self) -> list[dict[str, Any]]:
         """The rank's share of the next global batch as grad_accum micro-batches: image uint8 (b,3,R,R) (4x
         fewer bytes to move to the GPU than floats; `normalize` it there) and key."""
-        if self._it is None and self._starting is None:
+        if self._it is None and self._starting is None and not self._workers:
             self._start()
         self._join_start()
-        assert self._it is not None
         res, rows = self.resolution, len(self.my_streams) * self.per_stream
         images, keys = torch.empty((rows, 3, res, res), dtype=torch.uint8), []
-        for w in range(max(1, self.num_workers)):  # in order: worker w's streams follow worker w-1's
+        if self._it is not None:  # num_workers=0: read in this process
             part = next(self._it)
+            self._worker_stats[0] = part["stats"]
+            images.copy_(torch.from_numpy(part["image"]))
+            keys = part["key"]
+        for w, worker in enumerate(self._workers):  # in order: worker w's streams follow worker w-1's
+            part = worker.recv()
             self._worker_stats[w] = part["stats"]
             lo = len(keys)
             keys += part["key"]
-            if "slot" in part:
-                images[lo:len(keys)].copy_(self._rings[w].buf[part["slot"]])
-                self._rings[w].release()
-            else:
-                images[lo:len(keys)] = torch.from_numpy(part["image"])
+            images[lo:len(keys)].copy_(worker.ring.buf[part["slot"]])
+            worker.ring.release()
         self._step += 1
         b = self.micro
         return [{"image": images[m * b:(m + 1) * b], "key": keys[m * b:(m + 1) * b]} for m in range(self.grad_accum)]
@@ -826,10 +877,9 @@ class ShardLoader:
         return out
 
     def worker_pids(self) -> list[int]:
-        """Process ids of the DataLoader workers (waits for their start; none with num_workers=0)."""
+        """Process ids of the worker processes (waits for their start; none with num_workers=0)."""
         self._join_start()
-        workers = getattr(self._it, "_workers", [])
-        return [w.pid for w in workers if w.pid is not None]
+        return [w.proc.pid for w in self._workers]
 
     @property
     def step(self) -> int:
@@ -839,13 +889,14 @@ class ShardLoader:
         """Stop readers and worker processes (the next next_step() starts them again at the same position)."""
         if self._starting is not None:
             self._starting[0].join()
-            self._it, self._starting = self._starting[1].get("it"), None
-        it, self._it, self._dl = self._it, None, None
-        if it is not None:
-            if hasattr(it, "_shutdown_workers"):
-                it._shutdown_workers()
-            elif hasattr(it, "close"):
-                it.close()
+            self._workers, self._starting = self._starting[1]["workers"], None
+        workers, self._workers, it, self._it = self._workers, [], self._it, None
+        for w in workers:
+            w.ring.stop.set()  # all at once, then wait for each
+        for w in workers:
+            w.stop()
+        if it is not None and hasattr(it, "close"):
+            it.close()
 
     def __del__(self) -> None:
         try:
@@ -857,12 +908,6 @@ class ShardLoader:
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 images (as the loader yields them) -> float32 in [-1, 1]: x / 127.5 - 1."""
     return images.to(torch.float32).div_(127.5).sub_(1.0)
-
-
-def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
-    """DataLoader collate_fn: the worker's step as it is (the default would turn the numpy batch into a tensor,
-    which then travels through shared memory)."""
-    return batch
 
 
 def _make_reader(manifest: dict[str, Any], root: str, plan: Plan, per_stream: int, start_step: int,

@@ -569,7 +569,7 @@ class StreamReader:
                 yield self._sample(e, i, shard, j, shards)
 
     def steps(self, ring: _Ring | None = None) -> Iterator[dict[str, Any]]:
-        """Per step: {"streams": [...], "key": [...], "stats": {...}} and the step's uint8 images
+        """Per step: {"key": [...], "stats": {...}} and the step's uint8 images
         (len(streams)*G/S,3,R,R): without `ring` a new numpy array under "image"; with a ring (a worker
         process) written into its next free slot, whose number goes under "slot"."""
         self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-read")
@@ -591,7 +591,7 @@ class StreamReader:
                         keys.append(key)
                 with self._lock:
                     stats = dict(self.stats)
-                step = {"streams": self.streams, "key": keys, "stats": stats}
+                step = {"key": keys, "stats": stats}
                 yield {**step, "image": out} if ring is None else {**step, "slot": j % ring.slots}
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -631,7 +631,7 @@ class _Ring:
 
 def _worker_main(make_reader: Any, streams: list[int], ring: _Ring, conn: Any) -> None:
     """A loader worker process: its streams' steps into `ring`, one small message per step through `conn`
-    ({"slot", "key", "streams", "stats"}), or {"error", "traceback"} when reading fails."""
+    ({"slot", "key", "stats"}), or {"error", "traceback"} when reading fails."""
     import traceback
 
     torch.set_num_threads(1)
@@ -827,13 +827,13 @@ class ShardLoader:
         if self._it is None and self._starting is None and not self._workers:
             self._start()
         self._join_start()
-        res, rows = self.resolution, len(self.my_streams) * self.per_stream
-        images, keys = torch.empty((rows, 3, res, res), dtype=torch.uint8), []
-        if self._it is not None:  # num_workers=0: read in this process
+        if self._it is not None:  # num_workers=0: read in this process, into a new array per step
             part = next(self._it)
             self._worker_stats[0] = part["stats"]
-            images.copy_(torch.from_numpy(part["image"]))
-            keys = part["key"]
+            images, keys = torch.from_numpy(part["image"]), part["key"]
+        else:
+            res, rows = self.resolution, len(self.my_streams) * self.per_stream
+            images, keys = torch.empty((rows, 3, res, res), dtype=torch.uint8), []
         for w, worker in enumerate(self._workers):  # in order: worker w's streams follow worker w-1's
             part = worker.recv()
             self._worker_stats[w] = part["stats"]

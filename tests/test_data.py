@@ -291,7 +291,7 @@ def test_ring_slot_waits_for_release():
 
 
 def test_decoders_agree_and_pil_takes_what_torchvision_rejects():
-    from waveforge.data.loader import _decode_pil, _decode_torchvision, decode_image
+    from waveforge.data.loader import _decode_pil, _decode_torchvision, decode_hwc, decode_image
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
@@ -302,6 +302,7 @@ def test_decoders_agree_and_pil_takes_what_torchvision_rejects():
         im.save(buf, format="PNG")
         tv, pil = _decode_torchvision(buf.getvalue()), _decode_pil(buf.getvalue(), "png")
         assert tv is not None and torch.equal(tv, pil), mode  # the same pixels from either decoder
+        assert tv.shape == (8, 8, 3) and tv.is_contiguous() and pil.is_contiguous()  # HWC, one memcpy to a batch
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
     tv, pil = _decode_torchvision(buf.getvalue()), _decode_pil(buf.getvalue(), "jpg")
@@ -312,7 +313,9 @@ def test_decoders_agree_and_pil_takes_what_torchvision_rejects():
     img = decode_image({"png": buf.getvalue()}, 8)
     assert img is not None and img.dtype == torch.uint8 and img.shape == (3, 8, 8)
     flipped = decode_image({"png": buf.getvalue()}, 8, flip=True)
-    assert torch.equal(flipped, img.flip(-1)) and flipped.is_contiguous()
+    assert torch.equal(flipped, img.flip(-1))
+    assert torch.equal(decode_hwc({"png": buf.getvalue()}, 8, flip=True), img.permute(1, 2, 0).flip(1))
+    assert decode_hwc({"png": buf.getvalue()}, 8, flip=True).is_contiguous()
     assert decode_image({"png": b"not a png"}, 8) is None and decode_image({"png": buf.getvalue()}, 16) is None
 
 

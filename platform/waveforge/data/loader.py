@@ -37,7 +37,9 @@ READING. A shard is fetched whole into memory with one ranged GET (no HEAD: its 
 a background thread of its worker; each stream has its next shard (or shuffle block) in flight while it
 decodes the current one, and shards shared by neighbouring streams are fetched once (a small per-worker
 cache of recent shards). Each worker decodes into a small ring of uint8 batch buffers in shared memory; only
-the keys and counters of a step travel through a pipe, and the main process copies the batch out once. The
+the keys and counters of a step travel through a pipe, and the main process copies the batch out once. Images
+stay in the decoders' HWC layout all the way (a batch is channels_last); `normalize` makes them contiguous
+on the device. The
 workers are plain processes (no torch DataLoader): the ring's free-slot semaphore is the flow control (a
 worker runs at most 4 steps ahead), a worker's exception is re-raised by next_step(), and a dead worker is
 a DataError within a second, never a hang.
@@ -213,8 +215,12 @@ def _torchvision_decoder() -> tuple[Any, int] | None:
 
 
 def _decode_torchvision(data: bytes | memoryview) -> torch.Tensor | None:
-    """uint8 (3,H,W) from libpng/libjpeg/libwebp through torchvision's image op, or None if it cannot (no
-    op, corrupt data, a format or depth it does not return as 8-bit RGB)."""
+    """uint8 (H,W,3) contiguous from libpng/libjpeg/libwebp through torchvision's image op, or None if it
+    cannot (no op, corrupt data, a format or depth it does not return as 8-bit RGB).
+
+    The op decodes into an HWC buffer and returns a (3,H,W) permuted view of it: the view's permute back is
+    that buffer itself, so the caller copies it with one memcpy (a CHW copy of the view gathers byte by
+    byte: 68 vs 5 us at 256 px)."""
     dec = _torchvision_decoder()
     if dec is None:
         return None
@@ -225,28 +231,31 @@ def _decode_torchvision(data: bytes | memoryview) -> torch.Tensor | None:
         img = op(torch.frombuffer(data, dtype=torch.uint8), rgb, False)
     except Exception:  # noqa: BLE001 - PIL gets a second try
         return None
-    return img if img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3 else None
+    if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3:
+        return None
+    return img.permute(1, 2, 0).contiguous()  # no copy: the op's own HWC buffer
 
 
 def _decode_pil(data: bytes | memoryview, ext: str) -> torch.Tensor | None:
-    """uint8 (3,H,W) through PIL (any mode converted to RGB), or None when PIL cannot decode it either."""
+    """uint8 (H,W,3) through PIL (any mode converted to RGB), or None when PIL cannot decode it either."""
     hint = _PIL_FORMATS[ext]  # tried first; the other formats still decode a mislabelled file
     formats = [hint, *(f for f in ("PNG", "JPEG", "WEBP") if f != hint)]
     try:
         with Image.open(io.BytesIO(data), formats=formats) as im:
-            arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+            arr = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # a writable HWC copy
     except Exception:  # noqa: BLE001 - any decoding failure is a corrupt sample
         return None
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return torch.from_numpy(arr)
 
 
-def decode_image(sample: dict[str, Any], resolution: int, flip: bool = False) -> torch.Tensor | None:
-    """uint8 (3,R,R) contiguous tensor of the sample's image (mirrored left-right if `flip`), or None when
+def decode_hwc(sample: dict[str, Any], resolution: int, flip: bool = False) -> torch.Tensor | None:
+    """uint8 (R,R,3) contiguous tensor of the sample's image (mirrored left-right if `flip`), or None when
     missing, undecodable or the wrong size.
 
-    torchvision.io decodes straight into CHW (1.6x faster than PIL plus its HWC -> CHW copy, at 64 and 256 px on
-    the 2-core CI machine); what it rejects (16-bit PNG, CMYK JPEG, a truncated file) gets a second try with
-    PIL, so both decoders must fail before a sample counts as corrupt.
+    torchvision's image op decodes first (1.6x faster than PIL at 64 and 256 px on the 2-core CI machine);
+    what it rejects (16-bit PNG, CMYK JPEG, a truncated file) gets a second try with PIL, so both decoders
+    must fail before a sample counts as corrupt. Both decode into HWC, the layout the loader's batches
+    keep until the trainer converts them (`normalize`).
     """
     for ext in IMAGE_EXTS:
         if ext in sample:
@@ -254,10 +263,16 @@ def decode_image(sample: dict[str, Any], resolution: int, flip: bool = False) ->
             img = _decode_torchvision(data)
             if img is None:
                 img = _decode_pil(data, ext)
-            if img is None or img.shape != (3, resolution, resolution):
+            if img is None or img.shape != (resolution, resolution, 3):
                 return None
-            return img.flip(-1) if flip else img
+            return img.flip(1) if flip else img
     return None
+
+
+def decode_image(sample: dict[str, Any], resolution: int, flip: bool = False) -> torch.Tensor | None:
+    """`decode_hwc` as a uint8 (3,R,R) image: a channels_last view of the HWC tensor (no copy)."""
+    img = decode_hwc(sample, resolution, flip)
+    return None if img is None else img.permute(2, 0, 1)
 
 
 def flip_bits(seed: int, epoch: int, shard: int, n: int) -> np.ndarray:
@@ -476,11 +491,12 @@ class StreamReader:
     # ---- sample selection with substitution ----
 
     def _decoded(self, sh: _Shard, t: int, e: int, shard: int) -> torch.Tensor | None:
+        """(R,R,3) uint8 image of tar index t, or None when it does not decode (remembered)."""
         if t in sh.bad or sh.samples is None or t >= len(sh.samples):
             return None
         # The flip is decided per (seed, epoch, shard, sample), never by RNG state: it replays exactly.
         flip = self.hflip and bool(self._perm(e, shard)[1][t])
-        img = decode_image(sh.samples[t], self.resolution, flip)
+        img = decode_hwc(sh.samples[t], self.resolution, flip)
         if img is None:
             sh.bad.add(t)
         return img
@@ -569,18 +585,18 @@ class StreamReader:
                 yield self._sample(e, i, shard, j, shards)
 
     def steps(self, ring: _Ring | None = None) -> Iterator[dict[str, Any]]:
-        """Per step: {"key": [...], "stats": {...}} and the step's uint8 images
-        (len(streams)*G/S,3,R,R): without `ring` a new numpy array under "image"; with a ring (a worker
-        process) written into its next free slot, whose number goes under "slot"."""
+        """Per step: {"key": [...], "stats": {...}} and the step's uint8 images (len(streams)*G/S,R,R,3),
+        channels last: without `ring` a new numpy array under "image"; with a ring (a worker process) written
+        into its next free slot, whose number goes under "slot"."""
         self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-read")
         try:
             iters = [self._stream(s) for s in self.streams]
             n, res = len(self.streams) * self.per_stream, self.resolution
             for j in itertools.count():
-                # Decoded images are copied into a CHW uint8 batch: from a worker, into shared memory, so
-                # that only the keys and counters travel through the pipe.
+                # Decoded images are copied (one memcpy each: both are HWC) into a uint8 batch: from a
+                # worker, into shared memory, so that only the keys and counters travel through the pipe.
                 if ring is None:
-                    out = np.empty((n, 3, res, res), dtype=np.uint8)
+                    out = np.empty((n, res, res, 3), dtype=np.uint8)
                 else:
                     out = ring.acquire(j)
                 keys: list[str] = []
@@ -798,7 +814,7 @@ class ShardLoader:
         ctx = worker_context()
         res, nw, make_reader = self.resolution, self.num_workers, self._reader_factory()
         runs = [worker_streams(self.my_streams, nw, w) for w in range(nw)]
-        rings = [_Ring(ctx, _RING_SLOTS, (len(run) * self.per_stream, 3, res, res)) for run in runs]
+        rings = [_Ring(ctx, _RING_SLOTS, (len(run) * self.per_stream, res, res, 3)) for run in runs]
         box: dict[str, Any] = {"workers": []}
 
         def start() -> None:
@@ -823,7 +839,9 @@ class ShardLoader:
 
     def next_step(self) -> list[dict[str, Any]]:
         """The rank's share of the next global batch as grad_accum micro-batches: image uint8 (b,3,R,R) (4x
-        fewer bytes to move to the GPU than floats; `normalize` it there) and key."""
+        fewer bytes to move to the GPU than floats; `normalize` it there) and key. The images are in
+        channels_last memory (a (b,R,R,3) array seen as (b,3,R,R): the decoders' own layout, so no sample is
+        transposed on the CPU); `normalize` returns them contiguous."""
         if self._it is None and self._starting is None and not self._workers:
             self._start()
         self._join_start()
@@ -833,7 +851,7 @@ class ShardLoader:
             images, keys = torch.from_numpy(part["image"]), part["key"]
         else:
             res, rows = self.resolution, len(self.my_streams) * self.per_stream
-            images, keys = torch.empty((rows, 3, res, res), dtype=torch.uint8), []
+            images, keys = torch.empty((rows, res, res, 3), dtype=torch.uint8), []
         for w, worker in enumerate(self._workers):  # in order: worker w's streams follow worker w-1's
             part = worker.recv()
             self._worker_stats[w] = part["stats"]
@@ -842,7 +860,7 @@ class ShardLoader:
             images[lo:len(keys)].copy_(worker.ring.buf[part["slot"]])
             worker.ring.release()
         self._step += 1
-        b = self.micro
+        b, images = self.micro, images.permute(0, 3, 1, 2)  # (rows, 3, R, R) view, channels_last strides
         return [{"image": images[m * b:(m + 1) * b], "key": keys[m * b:(m + 1) * b]} for m in range(self.grad_accum)]
 
     # ---- state ----
@@ -906,8 +924,9 @@ class ShardLoader:
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (as the loader yields them) -> float32 in [-1, 1]: x / 127.5 - 1."""
-    return images.to(torch.float32).div_(127.5).sub_(1.0)
+    """uint8 images (as the loader yields them, any memory layout) -> contiguous float32 in [-1, 1]:
+    x / 127.5 - 1."""
+    return images.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
 
 
 def _make_reader(manifest: dict[str, Any], root: str, plan: Plan, per_stream: int, start_step: int,

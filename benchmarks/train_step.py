@@ -1,7 +1,7 @@
 """Training-step speed on CPU: one full D+G iteration with R1, and one T-step sampling pass.
 
     python benchmarks/train_step.py recipe=celebahq256 [batch=2] [threads=2] [repeats=3]
-                                    [reference=/path/to/WaveDiff]
+                                    [reference=/path/to/WaveDiff] [device=cpu|cuda] [precision=fp32|bf16]
 
 waveforge: the recipe's full-size G and D, `diffusion.d_loss` (R1 on) + backward + Adam step, then
 `diffusion.g_loss` + backward + Adam step, fp32, on a random batch of wavelet subbands; sampling =
@@ -9,8 +9,10 @@ waveforge: the recipe's full-size G and D, `diffusion.d_loss` (R1 on) + backward
 WaveDiff's own model code (its WaveletNCSNpp / NCSNpp and Discriminator_small/large, and its diffusion.py
 coefficient helpers), imported from that checkout at run time - never copied here - on the same batch
 in the same process, following its train_wddgan.py step (D real + R1 + D fake, then G adversarial + L1).
-Its custom CUDA ops are JIT-built at import; here their build is skipped (torch.utils.cpp_extension.load
-is stubbed during the import) so they take the checkout's own pure-PyTorch CPU path (upfirdn2d_native).
+Its custom CUDA ops are JIT-built at import: on the CPU their build is skipped (torch.utils.cpp_extension.load
+is stubbed during the import) so they take the checkout's own pure-PyTorch path (upfirdn2d_native); with
+device=cuda they are built with nvcc as the reference does (needs nvcc and ninja). precision=bf16 runs both
+implementations' forward passes under torch.autocast(bfloat16) (fp32 weights and optimizer), the same for both.
 Reports the median of `repeats` timed runs after one warm-up round (the two implementations
 alternate run by run), and the ratio reference / waveforge.
 OMP_WAIT_POLICY defaults to PASSIVE here: on a shared CPU, spinning OpenMP threads make multi-threaded
@@ -46,7 +48,20 @@ JOB_KEYS = {
     "threads": "torch CPU threads (default 2)",
     "repeats": "timed runs after one warm-up (default 3; the median is reported)",
     "reference": "path of a VinAIResearch/WaveDiff checkout to time side by side (optional)",
+    "device": "cpu (default) or cuda",
+    "precision": "fp32 (default) or bf16 (autocast of the forward passes, both implementations)",
 }
+
+
+PRECISION = {"fp32": None, "bf16": torch.bfloat16}
+AUTOCAST_DTYPE: torch.dtype | None = None  # set by main from precision=
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward passes' autocast for precision=bf16 (a no-op context for fp32)."""
+    if AUTOCAST_DTYPE is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPE)
 
 
 def ours(cfg: Recipe, x0: torch.Tensor, seed: int) -> tuple[Callable[[], None], Callable[[], None], int, int]:
@@ -54,28 +69,32 @@ def ours(cfg: Recipe, x0: torch.Tensor, seed: int) -> tuple[Callable[[], None], 
     G = build_generator(cfg.model, cfg.diffusion)
     D = build_discriminator(cfg.model, cfg.diffusion)
     sched = make_schedule(cfg.diffusion)
-    t_cfg, B, nz = cfg.train, x0.shape[0], cfg.model.nz
+    G, D = G.to(x0.device), D.to(x0.device)
+    t_cfg, B, nz, dev = cfg.train, x0.shape[0], cfg.model.nz, x0.device
     opt_g = torch.optim.Adam(G.parameters(), lr=t_cfg.lr_g, betas=(t_cfg.beta1, t_cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=t_cfg.lr_d, betas=(t_cfg.beta1, t_cfg.beta2))
 
     def step() -> None:
         set_requires_grad(D, True)
         set_requires_grad(G, False)
-        t = torch.randint(0, sched.num_timesteps, (B,))
-        loss, _ = d_loss(G, D, sched, x0, t, torch.randn(B, nz), t_cfg.r1_gamma, do_r1=True)
+        t = torch.randint(0, sched.num_timesteps, (B,), device=dev)
+        with autocast(dev):
+            loss, _ = d_loss(G, D, sched, x0, t, torch.randn(B, nz, device=dev), t_cfg.r1_gamma, do_r1=True)
         opt_d.zero_grad(set_to_none=True)
         loss.backward()
         opt_d.step()
         set_requires_grad(D, False)
         set_requires_grad(G, True)
-        t = torch.randint(0, sched.num_timesteps, (B,))
-        loss, _ = g_loss(G, D, sched, x0, t, torch.randn(B, nz), t_cfg.rec_weight)
+        t = torch.randint(0, sched.num_timesteps, (B,), device=dev)
+        with autocast(dev):
+            loss, _ = g_loss(G, D, sched, x0, t, torch.randn(B, nz, device=dev), t_cfg.rec_weight)
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
 
     def sampling() -> None:
-        sample(G, sched, torch.randn_like(x0), latents=lambda step: torch.randn(B, nz))
+        with torch.no_grad(), autocast(dev):
+            sample(G, sched, torch.randn_like(x0), latents=lambda step: torch.randn(B, nz, device=dev))
 
     return step, sampling, count_params(G), count_params(D)
 
@@ -113,7 +132,7 @@ def reference(path: str, cfg: Recipe, x0: torch.Tensor, seed: int
     if not (root / "score_sde" / "models" / "ncsnpp_generator_adagn.py").is_file():
         cli.fail(f"reference={path}: not a WaveDiff checkout (no score_sde/models/ncsnpp_generator_adagn.py)")
     sys.path.insert(0, str(root))
-    with _no_extension_build():
+    with _no_extension_build() if x0.device.type == "cpu" else contextlib.nullcontext():
         import score_sde.op  # noqa: F401
     from diffusion import (
         Diffusion_Coefficients,
@@ -128,9 +147,11 @@ def reference(path: str, cfg: Recipe, x0: torch.Tensor, seed: int
     args = reference_args(cfg)
     m, t_cfg = cfg.model, cfg.train
     torch.manual_seed(seed)
-    G = (WaveletNCSNpp if m.generator == "wavelet" else NCSNpp)(args)
+    dev = x0.device
+    G = (WaveletNCSNpp if m.generator == "wavelet" else NCSNpp)(args).to(dev)
     D = (Discriminator_small if m.d_layers <= 4 else Discriminator_large)(
-        nc=2 * args.num_channels, ngf=m.d_nf, t_emb_dim=m.t_emb_dim, act=nn.LeakyReLU(0.2), num_layers=m.d_layers)
+        nc=2 * args.num_channels, ngf=m.d_nf, t_emb_dim=m.t_emb_dim, act=nn.LeakyReLU(0.2), num_layers=m.d_layers
+    ).to(dev)
     coeff = Diffusion_Coefficients(args, x0.device)
     pos_coeff = Posterior_Coefficients(args, x0.device)
     opt_g = torch.optim.Adam(G.parameters(), lr=t_cfg.lr_g, betas=(t_cfg.beta1, t_cfg.beta2))
@@ -143,34 +164,39 @@ def reference(path: str, cfg: Recipe, x0: torch.Tensor, seed: int
         D.zero_grad()
         for p in G.parameters():
             p.requires_grad = False
-        t = torch.randint(0, T, (B,))
+        t = torch.randint(0, T, (B,), device=dev)
         x_t, x_tp1 = q_sample_pairs(coeff, x0, t)
         x_t.requires_grad = True
-        d_real = D(x_t, t, x_tp1.detach()).view(-1)
+        with autocast(dev):
+            d_real = D(x_t, t, x_tp1.detach()).view(-1)
         err_real = F.softplus(-d_real).mean()
         err_real.backward(retain_graph=True)
         (grad,) = torch.autograd.grad(outputs=d_real.sum(), inputs=x_t, create_graph=True)
         penalty = t_cfg.r1_gamma / 2 * (grad.view(B, -1).norm(2, dim=1) ** 2).mean()
         penalty.backward()
-        x0_pred = G(x_tp1.detach(), t, torch.randn(B, nz))
-        x_fake = sample_posterior(pos_coeff, x0_pred, x_tp1, t)
-        F.softplus(D(x_fake, t, x_tp1.detach()).view(-1)).mean().backward()
+        with autocast(dev):
+            x0_pred = G(x_tp1.detach(), t, torch.randn(B, nz, device=dev))
+            x_fake = sample_posterior(pos_coeff, x0_pred, x_tp1, t)
+            err_fake = F.softplus(D(x_fake, t, x_tp1.detach()).view(-1)).mean()
+        err_fake.backward()
         opt_d.step()
         for p in D.parameters():
             p.requires_grad = False
         for p in G.parameters():
             p.requires_grad = True
         G.zero_grad()
-        t = torch.randint(0, T, (B,))
+        t = torch.randint(0, T, (B,), device=dev)
         x_t, x_tp1 = q_sample_pairs(coeff, x0, t)
-        x0_pred = G(x_tp1.detach(), t, torch.randn(B, nz))
-        x_fake = sample_posterior(pos_coeff, x0_pred, x_tp1, t)
-        err_g = F.softplus(-D(x_fake, t, x_tp1.detach()).view(-1)).mean() + F.l1_loss(x0_pred, x0)
+        with autocast(dev):
+            x0_pred = G(x_tp1.detach(), t, torch.randn(B, nz, device=dev))
+            x_fake = sample_posterior(pos_coeff, x0_pred, x_tp1, t)
+            err_g = F.softplus(-D(x_fake, t, x_tp1.detach()).view(-1)).mean() + F.l1_loss(x0_pred.float(), x0)
         err_g.backward()
         opt_g.step()
 
     def sampling() -> None:
-        sample_from_model(pos_coeff, G, T, torch.randn_like(x0), None, args)
+        with autocast(dev):
+            sample_from_model(pos_coeff, G, T, torch.randn_like(x0), None, args)
 
     return step, sampling, sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())
 
@@ -181,13 +207,23 @@ def main() -> None:
     batch, threads, repeats = int(a.job.get("batch", 2)), int(a.job.get("threads", 2)), int(a.job.get("repeats", 3))
     if batch < 1 or threads < 1 or repeats < 1:
         cli.fail("batch, threads and repeats must be >= 1")
+    device, precision = str(a.job.get("device", "cpu")), str(a.job.get("precision", "fp32"))
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        cli.fail(f"device={device}: expected cpu, or cuda on a machine with a CUDA GPU")
+    if precision not in PRECISION:
+        cli.fail(f"precision={precision}: expected one of {', '.join(PRECISION)}")
+    global AUTOCAST_DTYPE
+    AUTOCAST_DTYPE = PRECISION[precision]
     torch.set_num_threads(threads)
     r = cfg.model.resolution // 2
     x0 = (torch.rand(batch, 4 * cfg.model.channels, r, r, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.5
+    x0 = x0.to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     impls = {"waveforge": ours(cfg, x0, seed=0)}
     if "reference" in a.job:
         impls["reference"] = reference(str(a.job["reference"]), cfg, x0, seed=0)
-    print(f"recipe {cfg.recipe}: batch {batch}, {threads} thread(s), {repeats} timed runs (median), fp32, CPU; "
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {threads} thread(s)"
+    print(f"recipe {cfg.recipe}: batch {batch}, {where}, {repeats} timed runs (median), {precision}; "
           "implementations interleaved run by run so a changing machine load hits both alike")
     for name, (_, _, g_params, d_params) in impls.items():
         print(f"{name:>10}: G {g_params / 1e6:.3f} M, D {d_params / 1e6:.3f} M parameters")
@@ -197,8 +233,10 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in impls}
         for rep in range(repeats + 1):  # the first round is the warm-up
             for name, impl in impls.items():
+                sync()
                 start = time.perf_counter()
                 impl[i]()
+                sync()
                 if rep > 0:
                     times[name].append(time.perf_counter() - start)
         for name in impls:

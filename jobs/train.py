@@ -14,9 +14,12 @@ from waveforge import cli
 
 def main() -> None:
     args = cli.parse(sys.argv[1:], "train", __doc__)
-    from waveforge import train
+    from waveforge import launch, train
 
-    status = train.main(args.cfg)
+    try:
+        status = train.main(args.cfg)
+    finally:
+        launch.shutdown()  # NCCL warns (and may leak) when a process exits with its group alive
     raise SystemExit(0 if status == "finished" else 3)  # 3: stopped on request, checkpoint written
 
 

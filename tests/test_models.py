@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from waveforge import config
 from waveforge.models import build_discriminator, build_generator, count_params
 from waveforge.models.discriminator import minibatch_stddev
-from waveforge.models.layers import AttnBlock, BlurDownConv, WaveletDownConv, group_norm_per_sample
+from waveforge.models.layers import AttnBlock, BlurDownConv, WaveletDownConv, blur_downsample, group_norm_per_sample
 
 # The reference implementation's counts (VinAIResearch/WaveDiff, measured by building its models).
 REFERENCE_PARAMS = {
@@ -160,6 +160,27 @@ def test_discriminator_r1_double_backward():
     g.square().sum().backward()
     # Every weight reaches the penalty (biases that only shift the logit do not).
     assert all(p.grad is not None for n, p in D.named_parameters() if n.endswith("weight"))
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (7, 9)])
+def test_blur_downsample_gradients_of_every_order(hw):
+    # The discriminator's blur carries its own first and second derivatives (R1 differentiates it
+    # twice): they must be those of the plain depthwise [1,3,3,1] conv, also for odd sizes.
+    x = torch.randn(2, 3, *hw, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(blur_downsample, (x,))
+    torch.autograd.gradgradcheck(blur_downsample, (x,))
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float64)
+    w = (torch.outer(k, k) / 64).expand(3, 1, 4, 4)
+    plain = F.conv2d(x, w, stride=2, padding=1, groups=3)
+    ours = blur_downsample(x)
+    torch.testing.assert_close(ours, plain)
+    v = torch.randn_like(plain, requires_grad=True)
+    (g_plain,) = torch.autograd.grad((plain * v).sum(), x, create_graph=True)
+    (g_ours,) = torch.autograd.grad((ours * v).sum(), x, create_graph=True)
+    torch.testing.assert_close(g_ours, g_plain)
+    (gv_plain,) = torch.autograd.grad(g_plain.square().sum(), v)  # R1's path: through the gradient
+    (gv_ours,) = torch.autograd.grad(g_ours.square().sum(), v)
+    torch.testing.assert_close(gv_ours, gv_plain)
 
 
 def test_attention_block_matches_explicit_softmax():

@@ -63,12 +63,14 @@ def test_plan_bad_input_exits_2(monkeypatch, capsys):
 def test_zero_stages_shard_the_right_state():
     p = 1_000_000
     s0 = state_bytes(p, 0, "bf16", 8)
-    assert s0 == {"weights": 2e6, "grads": 2e6, "optimizer": 12e6}
+    assert s0 == {"weights": 2e6, "grads": 2e6, "optimizer": 12e6, "bucket": 0.0}
     s1, s2, s3 = (state_bytes(p, k, "bf16", 8) for k in (1, 2, 3))
     assert s1["optimizer"] == 1.5e6 and s1["grads"] == 2e6
     assert s2["grads"] == 0.25e6 and s2["weights"] == 2e6
     assert s3["weights"] == 0.25e6
-    assert state_bytes(p, 0, "fp32", 1) == {"weights": 4e6, "grads": 4e6, "optimizer": 8e6}
+    # ZeRO's reduction bucket: one per rank, the model's size (fp32 where ZeRO-1 accumulates in fp32)
+    assert (s1["bucket"], s2["bucket"], s3["bucket"]) == (4e6, 2e6, 2e6)
+    assert state_bytes(p, 0, "fp32", 1) == {"weights": 4e6, "grads": 4e6, "optimizer": 8e6, "bucket": 0.0}
 
 
 def test_activation_measurement(tiny_cost):

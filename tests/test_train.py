@@ -60,6 +60,17 @@ def final_weights(run_dir: Path, engine: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
+def test_zero_reduction_bucket_is_sized_to_the_model() -> None:
+    # DeepSpeed's default bucket (5e8 elements) would hold ~1 GiB of GPU memory per engine for models of
+    # 20-50 M parameters; the bucket is the model's size, NCCL-aligned, and never above the default.
+    common = dict(zero_stage=2, precision="bf16", lr=1e-4, betas=(0.5, 0.9), micro_batch=2, grad_accum=1, world=1,
+                  grad_clip=0.0)
+    z = train.ds_config(**common, params=22_626_177)["zero_optimization"]
+    assert z["reduce_bucket_size"] == z["allgather_bucket_size"]
+    assert 22_626_177 <= z["reduce_bucket_size"] < 22_626_177 + 64 and z["reduce_bucket_size"] % 64 == 0
+    assert train.ds_config(**common, params=10**10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+
+
 def test_zero_stages_and_precisions_train(shards: str, tmp_path: Path) -> None:
     combos = [(1, 1, "fp32"), (2, 2, "fp32"), (3, 2, "fp32"), (1, 1, "bf16"), (2, 2, "bf16"), (3, 2, "bf16")]
     runs = [{"recipe": "tiny", "overrides": [f"run.dir={tmp_path / f'z{g}{d}-{p}'}", f"data.url={shards}",

@@ -74,6 +74,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out.to(t.device)
 
 
+def max_over_ranks(x: float) -> float:
+    """The largest of each rank's `x` (a metric such as peak memory), on every rank."""
+    if not is_initialized():
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())  # nccl reduces CUDA tensors only
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is True on any rank: decisions all ranks must agree on (stop, save)."""
     if not is_initialized():

@@ -35,6 +35,11 @@ GIB = 1024 ** 3
 GPU_SIZES_GB = (40, 80)
 OVERHEAD_BYTES = 1.5 * GIB  # CUDA context, NCCL buffers, cuDNN workspace
 FRAGMENTATION = 1.10  # allocator slack on top of the counted bytes
+# The D (R1) step's peak exceeds its saved tensors by the gradients alive during the double backward.
+# Measured peak / counted saved bytes on an H100 in bf16 (2026-11-22): celebahq256 at
+# batch 32 1.19, celebahq512 at 4 1.24, celebahq1024 at 4 1.21; the G step's peak matched its count
+# (1.02, 0.85, 0.99), so only the D step carries the factor.
+D_STEP_TRANSIENT = 1.25
 
 
 class _FlopCounter(TorchDispatchMode):
@@ -175,20 +180,24 @@ def measure(cfg: config.Recipe) -> ModelCost:
 
 
 def state_bytes(params: int, stage: int, precision: str, world: int) -> dict[str, float]:
-    """Per-GPU bytes of weights, gradients and optimizer state under ZeRO `stage` over `world` ranks."""
+    """Per-GPU bytes of weights, gradients and optimizer state under ZeRO `stage` over `world` ranks, and
+    ZeRO's gradient-reduction bucket (sized to the model by train.ds_config; not sharded: every rank
+    holds one; fp32 at ZeRO-1, which accumulates in fp32, else the training dtype)."""
     mixed = precision in ("bf16", "fp16")
     weights = params * (2 if mixed else 4)
     grads = params * (2 if mixed else 4)
     optim = params * (12 if mixed else 8)  # fp32 master (mixed only) + Adam m + v
+    bucket = 0 if stage == 0 else params * (2 if mixed and stage >= 2 else 4)
     return {"weights": weights / (world if stage >= 3 else 1),
             "grads": grads / (world if stage >= 2 else 1),
-            "optimizer": optim / (world if stage >= 1 else 1)}
+            "optimizer": optim / (world if stage >= 1 else 1),
+            "bucket": float(bucket)}
 
 
 def activation_bytes(cost: ModelCost, micro_batch: int, precision: str, checkpointing: bool) -> dict[str, float]:
     """Peak activation bytes per GPU of the D step (R1 step) and of the G step."""
     size = 2 if precision in ("bf16", "fp16") else 4
-    d_step = (cost.d_act_r1 + cost.d_act) * micro_batch * size  # real pass with R1 graph + fake pass
+    d_step = (cost.d_act_r1 + cost.d_act) * micro_batch * size * D_STEP_TRANSIENT  # real + R1 graph, fake
     g_saved = (cost.g_act_ckpt + cost.g_block_max) if checkpointing else cost.g_act
     g_step = (g_saved + cost.d_act) * micro_batch * size  # G graph + D graph (input gradients)
     return {"d_step": float(d_step), "g_step": float(g_step), "peak": float(max(d_step, g_step))}
@@ -263,7 +272,9 @@ def plan(cfg: config.Recipe) -> dict[str, Any]:
         "method": ("meta-device runs at full size, batch 1 and 2; activations = elements saved for backward per "
                    "sample (saved-tensor hooks, batch 2 minus batch 1, R1 double-backward graph included) x "
                    "per-GPU batch x dtype size; "
-                   "FLOPs = torch.utils.flop_counter formulas (matmul/conv/attention only); memory total adds "
+                   f"the discriminator step's peak x {D_STEP_TRANSIENT} for the double backward's live gradients "
+                   "(measured on an H100); FLOPs = torch.utils.flop_counter formulas (matmul/conv/attention only); "
+                   "memory total adds "
                    f"{FRAGMENTATION - 1:.0%} allocator slack and {OVERHEAD_BYTES / GIB:.1f} GiB CUDA/NCCL overhead"),
     }
 
@@ -277,7 +288,8 @@ def format_plan(p: dict[str, Any]) -> str:
                  f"(grad_accum {p['grad_accum']}), {p['precision']}",
                  f"  parameters       denoiser {p['generator_params'] / 1e6:.3f} M",
                  f"  states per GPU   ZeRO-{p['zero_stage_g']}: weights {s['generator']['weights']:.2f} + grads "
-                 f"{s['generator']['grads']:.2f} + Adam {s['generator']['optimizer']:.2f} GiB; EMA {s['ema']:.2f} GiB",
+                 f"{s['generator']['grads']:.2f} + Adam {s['generator']['optimizer']:.2f} + ZeRO bucket "
+                 f"{s['generator']['bucket']:.2f} GiB; EMA {s['ema']:.2f} GiB",
                  f"  activations/GPU  {a['g_step']:.2f} GiB (checkpointing "
                  f"{'on' if p['activation_checkpointing'] else 'off'}); per sample "
                  f"{p['activation_gib_per_sample']['generator']:.3f} GiB "
@@ -298,8 +310,9 @@ def format_plan(p: dict[str, Any]) -> str:
         f"(grad_accum {p['grad_accum']}), {p['precision']}",
         f"  parameters       G {p['generator_params'] / 1e6:.3f} M   D {p['discriminator_params'] / 1e6:.3f} M",
         f"  states per GPU   G (ZeRO-{p['zero_stage_g']}): weights {s['generator']['weights']:.2f} + grads "
-        f"{s['generator']['grads']:.2f} + Adam {s['generator']['optimizer']:.2f} GiB; "
-        f"D (ZeRO-{p['zero_stage_d']}): {sum(s['discriminator'].values()):.2f} GiB; EMA {s['ema']:.2f} GiB",
+        f"{s['generator']['grads']:.2f} + Adam {s['generator']['optimizer']:.2f} + ZeRO bucket "
+        f"{s['generator']['bucket']:.2f} GiB; D (ZeRO-{p['zero_stage_d']}): "
+        f"{sum(s['discriminator'].values()):.2f} GiB; EMA {s['ema']:.2f} GiB",
         f"  activations/GPU  D step {a['d_step']:.2f} GiB, G step {a['g_step']:.2f} GiB "
         f"(checkpointing {'on' if p['activation_checkpointing'] else 'off'}); per sample: G "
         f"{p['activation_gib_per_sample']['generator']:.3f} GiB "

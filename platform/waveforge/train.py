@@ -67,15 +67,19 @@ def lr_factor(step: int, total_steps: int, lr: float, lr_min: float, schedule: s
 
 
 def ds_config(*, zero_stage: int, precision: str, lr: float, betas: tuple[float, float], micro_batch: int,
-              grad_accum: int, world: int, grad_clip: float) -> dict[str, Any]:
-    """One engine's DeepSpeed config. Adam with torch's implementation (no fused-op compile on CPU)."""
+              grad_accum: int, world: int, grad_clip: float, params: int) -> dict[str, Any]:
+    """One engine's DeepSpeed config for a model of `params` parameters. Adam with torch's implementation
+    (no fused-op compile on CPU). ZeRO's gradient-reduction bucket is sized to the model: DeepSpeed's
+    default (5e8 elements) is 10x these models and costs ~0.9 GiB of GPU memory per engine for nothing
+    (measured on an H100: the celebahq256 discriminator's engine peaks at 1.31 GiB with it, 0.46 without)."""
+    bucket = min(500_000_000, -(-params // 64) * 64)  # a multiple of NCCL's start alignment
     cfg: dict[str, Any] = {
         "train_batch_size": micro_batch * grad_accum * world,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "optimizer": {"type": "Adam", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8,
                                                  "weight_decay": 0.0, "torch_adam": True}},
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "gradient_clipping": grad_clip,
@@ -171,7 +175,7 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
     warmup_steps = cfg.train.lr_warmup_images // cfg.train.batch_size
     engines = {}
     for name, (net, lr, stage) in nets.items():
-        ds_cfg = {**ds_config(zero_stage=stage, lr=lr, **common), **patch}
+        ds_cfg = {**ds_config(zero_stage=stage, lr=lr, params=models.count_params(net), **common), **patch}
 
         def schedule(opt: torch.optim.Optimizer, lr: float = lr) -> torch.optim.lr_scheduler.LambdaLR:
             return torch.optim.lr_scheduler.LambdaLR(
@@ -339,7 +343,7 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: launch.StopFlag) -
                     "images_per_s": interval_images / max(elapsed, 1e-9),
                     "s_per_step": elapsed / max(interval_steps, 1),
                     **{f"s_per_step_{k}": v / max(interval_steps, 1) for k, v in timing.items()},
-                    "peak_memory_gb_max_rank": _max_over_ranks(peak_memory_gb(device)),
+                    "peak_memory_gb_max_rank": dist.max_over_ranks(peak_memory_gb(device)),
                     "images_seen": float(images), "ema_decay": decay,
                     **{f"data_{k}": float(v) for k, v in loader.stats().items()},
                 })
@@ -425,14 +429,6 @@ def _reduce_metrics(acc: dict[str, float], steps: int, world: int) -> dict[str, 
     vec = torch.tensor([acc[k] for k in keys], dtype=torch.float64)
     vec = dist.all_reduce_sum(vec) / (world * max(steps, 1))
     return dict(zip(keys, vec.tolist()))
-
-
-def _max_over_ranks(x: float) -> float:
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor([x], dtype=torch.float64)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return float(t.item())
 
 
 def _evaluate(cfg: Recipe, ema: torch.nn.Module, device: torch.device, tracker: Any, run_dir: Path,

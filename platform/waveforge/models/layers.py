@@ -7,6 +7,7 @@ per-layer scale (scale 0 = a near-zero init of the last conv of a residual branc
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -121,11 +122,49 @@ def _fir_kernel(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return k
 
 
-def blur_downsample(x: torch.Tensor) -> torch.Tensor:
-    """[1,3,3,1] low-pass then 2x decimation: one depthwise 4x4 conv, stride 2, padding 1."""
+def _blur_down(x: torch.Tensor) -> torch.Tensor:
     C = x.shape[1]
-    w = _fir_kernel(x.device, x.dtype).expand(C, 1, 4, 4)
-    return F.conv2d(x, w, stride=2, padding=1, groups=C)
+    return F.conv2d(x, _fir_kernel(x.device, x.dtype).expand(C, 1, 4, 4), stride=2, padding=1, groups=C)
+
+
+def _blur_down_t(g: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """The adjoint of `_blur_down` (its input gradient) for an input of spatial size `hw`."""
+    C, h, w = g.shape[1], g.shape[2], g.shape[3]
+    pad = (hw[0] - 2 * h, hw[1] - 2 * w)  # odd sizes: the row/column the strided conv never reached
+    return F.conv_transpose2d(g, _fir_kernel(g.device, g.dtype).expand(C, 1, 4, 4), stride=2, padding=1,
+                              output_padding=pad, groups=C)
+
+
+class _BlurDown(torch.autograd.Function):
+    """`_blur_down` whose gradient is `_BlurDownT` and vice versa, so gradients of any order stay one
+    depthwise conv each. Through autograd's own convolution double backward, R1's second derivative of
+    a depthwise conv runs one convolution per channel (a Python-level loop over groups: thousands of
+    kernel launches per discriminator on a GPU, 17x the time of the step without R1 on an H100)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.hw = (x.shape[2], x.shape[3])
+        return _blur_down(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return _BlurDownT.apply(g, ctx.hw)
+
+
+class _BlurDownT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, g: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        return _blur_down_t(g, hw)
+
+    @staticmethod
+    def backward(ctx: Any, gg: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _BlurDown.apply(gg), None
+
+
+def blur_downsample(x: torch.Tensor) -> torch.Tensor:
+    """[1,3,3,1] low-pass then 2x decimation: one depthwise 4x4 conv, stride 2, padding 1 (any order of
+    gradients: each is one depthwise conv or transposed conv)."""
+    return _BlurDown.apply(x)
 
 
 def blur_upsample(x: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ coefficient helpers), imported from that checkout at run time - never copied her
 in the same process, following its train_wddgan.py step (D real + R1 + D fake, then G adversarial + L1).
 Its custom CUDA ops are JIT-built at import: on the CPU their build is skipped (torch.utils.cpp_extension.load
 is stubbed during the import) so they take the checkout's own pure-PyTorch path (upfirdn2d_native); with
-device=cuda they are built with nvcc as the reference does (needs nvcc and ninja). precision=bf16 runs both
-implementations' forward passes under torch.autocast(bfloat16) (fp32 weights and optimizer), the same for both.
+device=cuda they are built with nvcc as the reference does (needs nvcc and ninja). precision=bf16 runs the
+forward passes under torch.autocast(bfloat16) (fp32 weights and optimizer); waveforge only: the reference's
+DWT backward and its CUDA upfirdn2d op reject bf16 tensors.
 Reports the median of `repeats` timed runs after one warm-up round (the two implementations
 alternate run by run), and the ratio reference / waveforge.
 OMP_WAIT_POLICY defaults to PASSIVE here: on a shared CPU, spinning OpenMP threads make multi-threaded
@@ -49,22 +50,16 @@ JOB_KEYS = {
     "repeats": "timed runs after one warm-up (default 3; the median is reported)",
     "reference": "path of a VinAIResearch/WaveDiff checkout to time side by side (optional)",
     "device": "cpu (default) or cuda",
-    "precision": "fp32 (default) or bf16 (autocast of the forward passes, both implementations)",
+    "precision": "fp32 (default) or bf16 (autocast of the forward passes; waveforge only)",
 }
 
 
 PRECISION = {"fp32": None, "bf16": torch.bfloat16}
-AUTOCAST_DTYPE: torch.dtype | None = None  # set by main from precision=
+Amp = Callable[[], contextlib.AbstractContextManager]  # the forward passes' autocast context (or a no-op)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """The forward passes' autocast for precision=bf16 (a no-op context for fp32)."""
-    if AUTOCAST_DTYPE is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AUTOCAST_DTYPE)
-
-
-def ours(cfg: Recipe, x0: torch.Tensor, seed: int) -> tuple[Callable[[], None], Callable[[], None], int, int]:
+def ours(cfg: Recipe, x0: torch.Tensor, seed: int, autocast: Amp
+         ) -> tuple[Callable[[], None], Callable[[], None], int, int]:
     torch.manual_seed(seed)
     G = build_generator(cfg.model, cfg.diffusion)
     D = build_discriminator(cfg.model, cfg.diffusion)
@@ -78,7 +73,7 @@ def ours(cfg: Recipe, x0: torch.Tensor, seed: int) -> tuple[Callable[[], None], 
         set_requires_grad(D, True)
         set_requires_grad(G, False)
         t = torch.randint(0, sched.num_timesteps, (B,), device=dev)
-        with autocast(dev):
+        with autocast():
             loss, _ = d_loss(G, D, sched, x0, t, torch.randn(B, nz, device=dev), t_cfg.r1_gamma, do_r1=True)
         opt_d.zero_grad(set_to_none=True)
         loss.backward()
@@ -86,14 +81,14 @@ def ours(cfg: Recipe, x0: torch.Tensor, seed: int) -> tuple[Callable[[], None], 
         set_requires_grad(D, False)
         set_requires_grad(G, True)
         t = torch.randint(0, sched.num_timesteps, (B,), device=dev)
-        with autocast(dev):
+        with autocast():
             loss, _ = g_loss(G, D, sched, x0, t, torch.randn(B, nz, device=dev), t_cfg.rec_weight)
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
 
     def sampling() -> None:
-        with torch.no_grad(), autocast(dev):
+        with autocast():  # sample() runs without gradients
             sample(G, sched, torch.randn_like(x0), latents=lambda step: torch.randn(B, nz, device=dev))
 
     return step, sampling, count_params(G), count_params(D)
@@ -126,7 +121,7 @@ def _no_extension_build():
         ext.load = original
 
 
-def reference(path: str, cfg: Recipe, x0: torch.Tensor, seed: int
+def reference(path: str, cfg: Recipe, x0: torch.Tensor, seed: int, autocast: Amp
               ) -> tuple[Callable[[], None], Callable[[], None], int, int]:
     root = Path(path).expanduser().resolve()
     if not (root / "score_sde" / "models" / "ncsnpp_generator_adagn.py").is_file():
@@ -167,14 +162,14 @@ def reference(path: str, cfg: Recipe, x0: torch.Tensor, seed: int
         t = torch.randint(0, T, (B,), device=dev)
         x_t, x_tp1 = q_sample_pairs(coeff, x0, t)
         x_t.requires_grad = True
-        with autocast(dev):
+        with autocast():
             d_real = D(x_t, t, x_tp1.detach()).view(-1)
         err_real = F.softplus(-d_real).mean()
         err_real.backward(retain_graph=True)
         (grad,) = torch.autograd.grad(outputs=d_real.sum(), inputs=x_t, create_graph=True)
         penalty = t_cfg.r1_gamma / 2 * (grad.view(B, -1).norm(2, dim=1) ** 2).mean()
         penalty.backward()
-        with autocast(dev):
+        with autocast():
             x0_pred = G(x_tp1.detach(), t, torch.randn(B, nz, device=dev))
             x_fake = sample_posterior(pos_coeff, x0_pred, x_tp1, t)
             err_fake = F.softplus(D(x_fake, t, x_tp1.detach()).view(-1)).mean()
@@ -187,7 +182,7 @@ def reference(path: str, cfg: Recipe, x0: torch.Tensor, seed: int
         G.zero_grad()
         t = torch.randint(0, T, (B,), device=dev)
         x_t, x_tp1 = q_sample_pairs(coeff, x0, t)
-        with autocast(dev):
+        with autocast():
             x0_pred = G(x_tp1.detach(), t, torch.randn(B, nz, device=dev))
             x_fake = sample_posterior(pos_coeff, x0_pred, x_tp1, t)
             err_g = F.softplus(-D(x_fake, t, x_tp1.detach()).view(-1)).mean() + F.l1_loss(x0_pred.float(), x0)
@@ -195,7 +190,7 @@ def reference(path: str, cfg: Recipe, x0: torch.Tensor, seed: int
         opt_g.step()
 
     def sampling() -> None:
-        with autocast(dev):
+        with autocast():
             sample_from_model(pos_coeff, G, T, torch.randn_like(x0), None, args)
 
     return step, sampling, sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())
@@ -212,16 +207,22 @@ def main() -> None:
         cli.fail(f"device={device}: expected cpu, or cuda on a machine with a CUDA GPU")
     if precision not in PRECISION:
         cli.fail(f"precision={precision}: expected one of {', '.join(PRECISION)}")
-    global AUTOCAST_DTYPE
-    AUTOCAST_DTYPE = PRECISION[precision]
+    if precision != "fp32" and "reference" in a.job:
+        cli.fail(f"precision={precision} with reference=: the reference's DWT backward and CUDA upfirdn2d op reject "
+                 "bf16 tensors; compare in fp32")
+    dtype = PRECISION[precision]
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if dtype is None else torch.autocast(device, dtype=dtype)
+
     torch.set_num_threads(threads)
     r = cfg.model.resolution // 2
     x0 = (torch.rand(batch, 4 * cfg.model.channels, r, r, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.5
     x0 = x0.to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    impls = {"waveforge": ours(cfg, x0, seed=0)}
+    impls = {"waveforge": ours(cfg, x0, seed=0, autocast=autocast)}
     if "reference" in a.job:
-        impls["reference"] = reference(str(a.job["reference"]), cfg, x0, seed=0)
+        impls["reference"] = reference(str(a.job["reference"]), cfg, x0, seed=0, autocast=autocast)
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {threads} thread(s)"
     print(f"recipe {cfg.recipe}: batch {batch}, {where}, {repeats} timed runs (median), {precision}; "
           "implementations interleaved run by run so a changing machine load hits both alike")

@@ -39,10 +39,9 @@ decodes the current one, and shards shared by neighbouring streams are fetched o
 cache of recent shards). Each worker decodes into a small ring of uint8 batch buffers in shared memory; only
 the keys and counters of a step travel through a pipe, and the main process copies the batch out once. Images
 stay in the decoders' HWC layout all the way (a batch is channels_last); `normalize` makes them contiguous
-on the device. The
-workers are plain processes (no torch DataLoader): the ring's free-slot semaphore is the flow control (a
-worker runs at most 4 steps ahead), a worker's exception is re-raised by next_step(), and a dead worker is
-a DataError within a second, never a hang.
+on the device. The workers are plain processes (no torch DataLoader): the ring's free-slot semaphore is the
+flow control (a worker runs at most 4 steps ahead), a worker's exception is re-raised by next_step(), and a
+dead worker is a DataError within a second, never a hang.
 
 RESUME. The state is {step, global_batch, streams, seed, total samples, ...}; restarting fast-forwards each
 stream arithmetically from the manifest counts (no shard before the position is read), then skips inside

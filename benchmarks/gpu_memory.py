@@ -19,13 +19,13 @@ import sys
 
 import torch
 
-from waveforge import cli, plan
+from waveforge import cli, config, plan
 from waveforge.config import Recipe
 from waveforge.diffusion import d_loss, g_loss, make_schedule, set_requires_grad
 from waveforge.models import build_discriminator, build_generator, count_params
 
 GIB = 2**30
-JOB_KEYS = {"batch": "per-GPU batch (default: the recipe's global batch over its GPUs)",
+JOB_KEYS = {"batch": "per-GPU batch (default: the recipe's micro-batch, as jobs/plan.py prints it)",
             "precision": "bf16 (default) or fp32"}
 
 
@@ -114,8 +114,9 @@ def main() -> None:
         cli.fail(f"precision={precision}: expected bf16 or fp32")
     if cfg.model.family != "wavediff":
         cli.fail(f"recipe {cfg.recipe}: gpu_memory measures the GAN's D and G steps (model.family=wavediff)")
-    world = cfg.cluster.nodes * max(cfg.cluster.gpus_per_node, 1)
-    batch = int(a.job.get("batch", max(cfg.train.batch_size // world, 1)))
+    world = config.world_size(cfg)  # the per-GPU batch as jobs/plan.py and the trainer derive it
+    micro = cfg.train.batch_size // (world * config.check_resources(cfg, world))
+    batch = int(a.job.get("batch", micro))
     dev = torch.device("cuda")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     cost = plan.measure(cfg)

@@ -5,7 +5,8 @@
 
 waveforge: the recipe's full-size G and D, `diffusion.d_loss` (R1 on) + backward + Adam step, then
 `diffusion.g_loss` + backward + Adam step, fp32, on a random batch of wavelet subbands; sampling =
-`diffusion.sample` over T steps. With reference=, the same iteration is run with the reference
+`diffusion.sample` over T steps with an eval copy of G (conv weights in channels_last on the CPU, as the
+platform samples its EMA copy). With reference=, the same iteration is run with the reference
 WaveDiff's own model code (its WaveletNCSNpp / NCSNpp and Discriminator_small/large, and its diffusion.py
 coefficient helpers), imported from that checkout at run time - never copied here - on the same batch
 in the same process, following its train_wddgan.py step (D real + R1 + D fake, then G adversarial + L1).
@@ -28,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import copy  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -42,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from waveforge import cli  # noqa: E402
 from waveforge.config import Recipe  # noqa: E402
 from waveforge.diffusion import d_loss, g_loss, make_schedule, sample, set_requires_grad  # noqa: E402
-from waveforge.models import build_discriminator, build_generator, count_params  # noqa: E402
+from waveforge.models import build_discriminator, build_generator, count_params, to_inference_layout  # noqa: E402
 
 JOB_KEYS = {
     "batch": "images per step (default 2)",
@@ -87,9 +89,13 @@ def ours(cfg: Recipe, x0: torch.Tensor, seed: int, autocast: Amp
         loss.backward()
         opt_g.step()
 
+    # Sampling uses an eval copy of G, as the platform samples its EMA copy of G (and a CPU copy gets its conv
+    # weights in the sampler's channels_last layout, as evaluate.generator_fn does).
+    G_eval = to_inference_layout(copy.deepcopy(G).eval())
+
     def sampling() -> None:
         with autocast():  # sample() runs without gradients
-            sample(G, sched, torch.randn_like(x0), latents=lambda step: torch.randn(B, nz, device=dev))
+            sample(G_eval, sched, torch.randn_like(x0), latents=lambda step: torch.randn(B, nz, device=dev))
 
     return step, sampling, count_params(G), count_params(D)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from waveforge import config
-from waveforge.models import build_discriminator, build_generator, count_params
+from waveforge.models import build_discriminator, build_generator, count_params, to_inference_layout
 from waveforge.models.discriminator import minibatch_stddev
 from waveforge.models.layers import AttnBlock, BlurDownConv, WaveletDownConv, blur_downsample, group_norm_per_sample
 
@@ -239,3 +239,13 @@ def test_inference_forward_equals_the_autograd_forward(name, overrides):
     assert fast.abs().max() > 1e-3  # a real signal, not the near-zero output of the zero-init head
     assert torch.allclose(fast, plain.detach(), atol=1e-6, rtol=1e-5)
     assert torch.allclose(fast_cl, plain.detach(), atol=1e-5, rtol=1e-5)
+    # A sampler's batch (every sample at one step) with the conv weights in the CPU inference layout
+    # (channels_last weights, as evaluate.generator_fn leaves them): still the graph-recording forward's x0_hat.
+    t1 = t[1:].expand(2).clone()
+    plain1 = G(x, t1, z)
+    assert to_inference_layout(G) is G
+    assert G.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and not G.conv_in.weight.is_contiguous()
+    with torch.no_grad():
+        fast1 = G(x.contiguous(memory_format=torch.channels_last), t1, z)
+    assert torch.allclose(fast1, plain1.detach(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fast1, fast_cl, atol=1e-3)  # the step does reach the output

@@ -681,9 +681,10 @@ def generator_fn(G: torch.nn.Module, run_cfg: Recipe, device: torch.device | str
     """seeds -> uint8 (B,3,R,R) images of G (sample i from seed i), as the trainer's evaluation makes them.
 
     The EDM family (run_cfg.model.family=edm) samples with run_cfg.sampler (and `noise_filter`, see
-    waveforge.edm.noise_filter); the diffusion GAN with its T-step posterior sampler.
+    waveforge.edm.noise_filter); the diffusion GAN with its T-step posterior sampler (a CPU G gets its conv
+    weights in channels_last, in place: `waveforge.models.to_inference_layout`).
     """
-    from waveforge import diffusion, wavelet
+    from waveforge import diffusion, models, wavelet
 
     if run_cfg.model.family == "edm":
         from waveforge import edm
@@ -693,6 +694,7 @@ def generator_fn(G: torch.nn.Module, run_cfg: Recipe, device: torch.device | str
     m = run_cfg.model
     sched = diffusion.make_schedule(run_cfg.diffusion, device)
     shape = (4 * m.channels, m.resolution // 2, m.resolution // 2)
+    models.to_inference_layout(G)  # on the CPU: conv weights in the sampler's channels_last layout
 
     @torch.no_grad()
     def generate(seeds: list[int]) -> torch.Tensor:

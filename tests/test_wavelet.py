@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from waveforge.wavelet import dwt, dwt_levels, from_wavelet, idwt, idwt_levels, to_wavelet
+from waveforge.wavelet import dwt, dwt_levels, from_wavelet, idwt, idwt_bands, idwt_levels, to_wavelet
 
 
 def test_round_trip_and_orthonormality():
@@ -122,3 +122,23 @@ def test_sampling_path_equals_the_differentiable_path(dtype, memory_format):
         assert out.is_contiguous(memory_format=memory_format)
     with torch.no_grad():  # bf16: the bands are rounded to bf16 in between
         assert torch.allclose(idwt(dwt(x)).float(), x.float(), atol=5 * tol)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_idwt_bands_is_idwt_of_the_concatenation(memory_format):
+    """idwt_bands(ll, high) = idwt(cat([ll, high])) with and without autograd, gradients included, the LL
+    band's memory layout kept; mismatched band shapes are refused."""
+    g = torch.Generator().manual_seed(1)
+    ll = torch.randn(2, 5, 4, 6, generator=g).contiguous(memory_format=memory_format)
+    high = torch.randn(2, 15, 4, 6, generator=g).contiguous(memory_format=memory_format)
+    expected = idwt(torch.cat([ll, high], dim=1).contiguous(memory_format=memory_format))
+    with torch.no_grad():
+        fast = idwt_bands(ll, high[:, :])
+    assert torch.allclose(fast, expected, atol=1e-6) and fast.is_contiguous(memory_format=memory_format)
+    llg, highg = ll.clone().requires_grad_(), high.clone().requires_grad_()
+    out = idwt_bands(llg, highg)
+    assert torch.allclose(out, expected, atol=1e-6)
+    out.square().sum().backward()
+    assert torch.allclose(torch.cat([llg.grad, highg.grad], dim=1), dwt(2 * expected), atol=1e-5)
+    with pytest.raises(ValueError, match="3C"):
+        idwt_bands(ll, high[:, :12])

@@ -32,7 +32,7 @@ import contextlib
 
 import torch
 
-__all__ = ["dwt", "idwt", "to_wavelet", "from_wavelet", "dwt_levels", "idwt_levels"]
+__all__ = ["dwt", "idwt", "idwt_bands", "to_wavelet", "from_wavelet", "dwt_levels", "idwt_levels"]
 
 
 # Analysis matrix: rows = bands [LL, LH, HL, HH], columns = pixels [a, b, c, d] of each 2x2 block.
@@ -105,6 +105,23 @@ def dwt(x: torch.Tensor) -> torch.Tensor:
         return torch.matmul(_haar(x.device, ct), pixels).reshape(B, 4 * C, h, w).to(x.dtype)
 
 
+def _idwt_butterfly(ll: torch.Tensor, high: torch.Tensor, dtype: torch.dtype,
+                    memory_format: torch.memory_format) -> torch.Tensor:
+    """The inverse butterfly from the LL band (B, C, h, w) and the high bands (B, 3C, h, w) [LH, HL, HH], read
+    through views (no concatenated copy); each pixel of the 2x2 blocks written through a strided view."""
+    B, C, h, w = ll.shape
+    ct = _compute_dtype(ll)
+    ll, high = ll.to(ct), high.to(ct)
+    lh, hl, hh = high[:, :C], high[:, C:2 * C], high[:, 2 * C:]
+    p, q, r, s = ll + lh, hl + hh, ll - lh, hl - hh
+    out = torch.empty((B, C, 2 * h, 2 * w), dtype=ct, device=ll.device, memory_format=memory_format)
+    torch.add(p, q, out=out[:, :, 0::2, 0::2])  # a = (LL + LH + HL + HH) / 2
+    torch.sub(p, q, out=out[:, :, 0::2, 1::2])  # b = (LL + LH - HL - HH) / 2
+    torch.add(r, s, out=out[:, :, 1::2, 0::2])  # c = (LL - LH + HL - HH) / 2
+    torch.sub(r, s, out=out[:, :, 1::2, 1::2])  # d = (LL - LH - HL + HH) / 2
+    return out.mul_(0.5).to(dtype)
+
+
 def idwt(y: torch.Tensor) -> torch.Tensor:
     """Inverse of `dwt`: (B, 4C, h, w) bands [LL, LH, HL, HH] -> (B, C, 2h, 2w)."""
     if y.dim() != 4 or y.shape[1] % 4:
@@ -112,21 +129,25 @@ def idwt(y: torch.Tensor) -> torch.Tensor:
     B, C4, h, w = y.shape
     C = C4 // 4
     if _butterfly(y):
-        # The same butterfly backwards, each pixel of the 2x2 blocks written through a strided view.
-        yc = y.to(_compute_dtype(y))
-        ll, lh, hl, hh = yc[:, :C], yc[:, C:2 * C], yc[:, 2 * C:3 * C], yc[:, 3 * C:]
-        p, q, r, s = ll + lh, hl + hh, ll - lh, hl - hh
-        out = torch.empty((B, C, 2 * h, 2 * w), dtype=yc.dtype, device=y.device, memory_format=_memory_format(y))
-        torch.add(p, q, out=out[:, :, 0::2, 0::2])  # a = (LL + LH + HL + HH) / 2
-        torch.sub(p, q, out=out[:, :, 0::2, 1::2])  # b = (LL + LH - HL - HH) / 2
-        torch.add(r, s, out=out[:, :, 1::2, 0::2])  # c = (LL - LH + HL - HH) / 2
-        torch.sub(r, s, out=out[:, :, 1::2, 1::2])  # d = (LL - LH - HL + HH) / 2
-        return out.mul_(0.5).to(y.dtype)
+        return _idwt_butterfly(y[:, :C], y[:, C:], y.dtype, _memory_format(y))
     # The matrix is orthogonal and symmetric: its inverse is itself.
     ct = _compute_dtype(y)
     with _exact(y.device):
         pixels = torch.matmul(_haar(y.device, ct), y.to(ct).reshape(B, 4, C * h * w)).reshape(B, 2, 2, C, h, w)
         return pixels.permute(0, 3, 4, 1, 5, 2).reshape(B, C, 2 * h, 2 * w).to(y.dtype)
+
+
+def idwt_bands(ll: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """`idwt(torch.cat([ll, high], dim=1))`: the LL band (B, C, h, w) and the high bands (B, 3C, h, w)
+    [LH, HL, HH] -> (B, C, 2h, 2w). Without autograd the bands are read where they lie: no concatenated copy
+    (the decoder's up blocks and the frequency bottleneck put a new LL under stored high bands)."""
+    if ll.dim() != 4 or high.dim() != 4 or high.shape[1] != 3 * ll.shape[1] or high.shape[2:] != ll.shape[2:] \
+            or high.shape[0] != ll.shape[0]:
+        raise ValueError(f"idwt_bands: expected LL (B, C, h, w) and high bands (B, 3C, h, w), got shapes "
+                         f"{tuple(ll.shape)} and {tuple(high.shape)}")
+    if _butterfly(ll) and _butterfly(high):
+        return _idwt_butterfly(ll, high, torch.promote_types(ll.dtype, high.dtype), _memory_format(ll))
+    return idwt(torch.cat([ll, high], dim=1))
 
 
 def to_wavelet(img: torch.Tensor) -> torch.Tensor:
@@ -155,5 +176,5 @@ def dwt_levels(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, list[torch.T
 def idwt_levels(ll: torch.Tensor, highs: list[torch.Tensor]) -> torch.Tensor:
     """Inverse of `dwt_levels`."""
     for high in reversed(highs):
-        ll = idwt(torch.cat([ll, high], dim=1))
+        ll = idwt_bands(ll, high)
     return ll

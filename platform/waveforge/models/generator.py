@@ -44,7 +44,7 @@ from waveforge.models.layers import (
     silu,
     timestep_embedding,
 )
-from waveforge.wavelet import dwt, idwt
+from waveforge.wavelet import dwt, idwt_bands
 
 
 class Generator(nn.Module):
@@ -147,7 +147,7 @@ class Generator(nn.Module):
         C = h.shape[1]
         bands = dwt(h)
         low = self._run(block, bands[:, :C] * 0.5, temb, zemb)
-        return idwt(torch.cat([low * 2.0, bands[:, C:]], dim=1))
+        return idwt_bands(low.mul_(2.0), bands[:, C:])  # low: the block's fresh output
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """t: integer steps (GAN) or continuous noise labels (EDM); z: (B, nz) latents, None without a latent."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from waveforge.wavelet import dwt, idwt
+from waveforge.wavelet import dwt, idwt_bands
 
 # --------------------------------------------------------------------------------------------------
 # Initialisation and plain layers
@@ -197,7 +197,7 @@ class WaveletDownConv(nn.Module):
         self.conv = conv2d(4 * in_ch, out_ch, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(dwt(x) * 0.5)
+        return self.conv(dwt(x).mul_(0.5))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,9 +294,11 @@ class ResBlock(nn.Module):
             elif self.resample == "up":
                 if high is None:
                     raise ValueError("a wavelet up block needs the high bands of its down block")
-                high = self.conv_high(high * 0.5) * 2.0
-                h = idwt(torch.cat([h * 2.0, high], dim=1))
-                x = idwt(torch.cat([x * 2.0, high], dim=1))
+                high = self.conv_high(high * 0.5).mul_(2.0)
+                # LL = 2 h (and 2 x) under the high bands, no concatenated copy; h and x are fresh outputs of
+                # conv0 and of the skip conv (every resampling block has one), scaled in place.
+                h = idwt_bands(h.mul_(2.0), high)
+                x = idwt_bands(x.mul_(2.0), high)
         else:
             if self.resample == "down":
                 h, x = blur_downsample(h), blur_downsample(x)

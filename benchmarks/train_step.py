@@ -16,7 +16,9 @@ device=cuda they are built with nvcc as the reference does (needs nvcc and ninja
 forward passes under torch.autocast(bfloat16) (fp32 weights and optimizer); waveforge only: the reference's
 DWT backward and its CUDA upfirdn2d op reject bf16 tensors.
 Reports the median of `repeats` timed runs after one warm-up round (the two implementations
-alternate run by run), and the ratio reference / waveforge.
+alternate run by run), and the ratio reference / waveforge, of wall time and of the process's CPU time
+(user + system of all its threads; with OpenMP threads that sleep instead of spinning, see below, it
+hardly depends on what else runs on the machine, unlike wall time).
 OMP_WAIT_POLICY defaults to PASSIVE here: on a shared CPU, spinning OpenMP threads make multi-threaded
 timings 10x slower and meaningless.
 """
@@ -236,25 +238,30 @@ def main() -> None:
         print(f"{name:>10}: G {g_params / 1e6:.3f} M, D {d_params / 1e6:.3f} M parameters")
     whats = ("train step (D+R1, G)", f"sampling ({cfg.diffusion.num_timesteps} steps)")
     results: dict[str, dict[str, float]] = {name: {} for name in impls}
+    cpu_results: dict[str, dict[str, float]] = {name: {} for name in impls}
     for i, what in enumerate(whats):
         times: dict[str, list[float]] = {name: [] for name in impls}
+        cpu: dict[str, list[float]] = {name: [] for name in impls}
         for rep in range(repeats + 1):  # the first round is the warm-up
             for name, impl in impls.items():
                 sync()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 impl[i]()
                 sync()
                 if rep > 0:
                     times[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - cpu_start)
         for name in impls:
             results[name][what] = statistics.median(times[name])
-            print(f"{name:>10}: {what}: {results[name][what]:.2f} s  "
+            cpu_results[name][what] = statistics.median(cpu[name])
+            print(f"{name:>10}: {what}: {results[name][what]:.2f} s, CPU {cpu_results[name][what]:.2f} s  "
                   f"(runs: {', '.join(f'{t:.2f}' for t in times[name])})", flush=True)
     if "reference" in results:
         for what in whats:
             ratio = results["reference"][what] / results["waveforge"][what]
-            print(f"speed-up {what}: {ratio:.2f}x (reference / waveforge; target >= 1.25x)")
-
+            cpu_ratio = cpu_results["reference"][what] / cpu_results["waveforge"][what]
+            print(f"speed-up {what}: {ratio:.2f}x (reference / waveforge; target >= 1.25x); CPU time "
+                  f"{cpu_ratio:.2f}x")
 
 if __name__ == "__main__":
     cli.run_main(main)

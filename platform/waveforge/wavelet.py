@@ -108,9 +108,10 @@ def dwt(x: torch.Tensor) -> torch.Tensor:
 def _idwt_butterfly(ll: torch.Tensor, high: torch.Tensor, dtype: torch.dtype,
                     memory_format: torch.memory_format) -> torch.Tensor:
     """The inverse butterfly from the LL band (B, C, h, w) and the high bands (B, 3C, h, w) [LH, HL, HH], read
-    through views (no concatenated copy); each pixel of the 2x2 blocks written through a strided view."""
+    through views (no concatenated copy); each pixel of the 2x2 blocks written through a strided view.
+    Computed in fp32 (fp64 for an fp64 `dtype`, the result's), returned in `dtype`."""
     B, C, h, w = ll.shape
-    ct = _compute_dtype(ll)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
     ll, high = ll.to(ct), high.to(ct)
     lh, hl, hh = high[:, :C], high[:, C:2 * C], high[:, 2 * C:]
     p, q, r, s = ll + lh, hl + hh, ll - lh, hl - hh

@@ -263,5 +263,6 @@ def main() -> None:
             print(f"speed-up {what}: {ratio:.2f}x (reference / waveforge; target >= 1.25x); CPU time "
                   f"{cpu_ratio:.2f}x")
 
+
 if __name__ == "__main__":
     cli.run_main(main)

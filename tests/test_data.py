@@ -97,6 +97,60 @@ def test_shards_readable_by_plain_tar_and_webdataset(synth):
     assert samples[0]["png"].shape == (RES, RES, 3) and samples[0]["json"]["source"] == "synthetic/000000000"
 
 
+def _tar_bytes(files: list[tuple[str, bytes | None]], fmt: int = tarfile.USTAR_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, body in files:
+            info = tarfile.TarInfo(name)
+            if body is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    return buf.getvalue()
+
+
+def test_parse_tar_groups_samples_as_webdataset_does(synth):
+    """The loader's own tar scan gives webdataset's samples (keys, extensions, bytes) for make_shards' shards
+    and for hand-made tars: directories, __meta__ files, names long enough for the ustar prefix field, mixed
+    case extensions, and a pax archive (which goes through webdataset's iterator); truncation is an error."""
+    import gc
+
+    import webdataset.tariterators as wti
+
+    from waveforge.data.loader import parse_tar
+
+    def reference(data: bytes, url: str) -> list[dict]:
+        files = [{**f, "__url__": url} for f in wti.tar_file_iterator(io.BytesIO(data))]
+        return [{k: (bytes(v) if k not in ("__key__", "__url__") else v) for k, v in s.items()}
+                for s in wti.group_by_keys(files)]
+
+    def ours(data: bytes, url: str) -> list[dict]:
+        return [{k: (bytes(v) if k not in ("__key__", "__url__") else v) for k, v in s.items()}
+                for s in parse_tar(data, url)]
+
+    shard = Path(synth, json.loads(Path(synth, "index.json").read_text())["shards"][0]["name"]).read_bytes()
+    assert ours(shard, "u") == reference(shard, "u") and len(ours(shard, "u")) > 1
+    deep = "d" * 90 + "/" + "e" * 60 + "/sample7"
+    files = [("top", None), ("a/000.png", b"png0"), ("a/000.json", b"{}"), ("__meta__.json", b"meta"),
+             ("__info__/x.json", b"skipped"),
+             ("a/001.PNG", b"png1"), ("a/001.cls", b"3"), (deep + ".webp", b"w" * 700), (deep + ".txt", b"t"),
+             ("a/002.seg.png", b"s")]
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT):
+        data = _tar_bytes(files, fmt)
+        assert ours(data, "x") == reference(data, "x")
+    got = parse_tar(_tar_bytes(files), "x")
+    assert [s["__key__"] for s in got] == ["a/000", "__meta__", "a/001", deep, "a/002"]
+    assert got[2]["png"] == b"png1" and got[4]["seg.png"] == b"s"
+    assert isinstance(got[0]["png"], bytearray)  # writable, its own copy
+    assert not any(gc.is_tracked(s) for s in got)  # dicts of str and bytearray: no work for the cyclic GC
+    with pytest.raises(tarfile.ReadError):
+        parse_tar(shard[: len(shard) // 2 + 700], "x")
+    with pytest.raises(ValueError, match="duplicate"):
+        parse_tar(_tar_bytes([("k.png", b"1"), ("k.png", b"2")]), "x")
+
+
 def test_synthetic_images_are_pure_functions():
     a, b = synthetic_image(7, 11, 24), synthetic_image(7, 11, 24)
     assert a.dtype == np.uint8 and a.shape == (24, 24, 3) and np.array_equal(a, b)

@@ -65,6 +65,7 @@ import io
 import itertools
 import os
 import re
+import struct
 import sys
 import threading
 from collections.abc import Iterator
@@ -118,77 +119,74 @@ class _NotPlainUstar(Exception):
     """The tar uses features (pax/GNU headers, links) the fast scan leaves to webdataset's iterator."""
 
 
-def _ustar_files(data: memoryview) -> Iterator[tuple[str, memoryview]]:
-    """(name, contents) of the regular files of an in-memory plain ustar archive (as make_shards writes them);
-    the contents are slices of `data`, not copies.
+# The ustar header fields the scan reads, in one unpack: name, size, typeflag, magic, prefix.
+_USTAR = struct.Struct("100s24x12s20xc100x5s83x155s")
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: (key, extensions)
+_META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's __meta__-style files, which carry no sample
 
-    A header scan without tarfile's per-member Python objects (~10x faster on small images); anything
-    beyond plain ustar raises _NotPlainUstar, a truncated archive tarfile.ReadError.
+
+def _ustar_samples(data: bytes | bytearray, url: str) -> list[dict[str, Any]]:
+    """Samples of an in-memory plain ustar archive (as make_shards writes them), grouped by key as webdataset's
+    group_by_keys groups them: consecutive files with the same key form one sample {"__key__", "__url__", ext:
+    bytearray, ...} (extensions lower-cased; a repeated one is an error; `__meta__` files skipped).
+
+    A header scan without tarfile's per-member Python objects (one struct unpack per member); anything beyond
+    plain ustar raises _NotPlainUstar, a truncated archive tarfile.ReadError. Each file's contents is its own
+    small writable copy: decoders read it without a read-only warning, the shard's buffer is not kept alive,
+    and the samples (dicts of str and bytearray) are not tracked by Python's cyclic garbage collector, whose
+    full collections would otherwise walk every sample of every shard in memory.
     """
     import tarfile
 
+    view, unpack = memoryview(data), _USTAR.unpack_from
+    out: list[dict[str, Any]] = []
+    cur: dict[str, Any] | None = None
     pos, n = 0, len(data)
     while pos + 512 <= n:
-        hdr = bytes(data[pos:pos + 512])
-        if hdr[0] == 0:  # end-of-archive blocks
-            return
-        if hdr[257:262] != b"ustar":
+        name, size_field, kind, magic, prefix = unpack(data, pos)
+        if name[:1] == b"\0":  # end-of-archive blocks
+            return out
+        if magic != b"ustar":
             raise _NotPlainUstar
-        kind = hdr[156:157]
         try:
-            size = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            size = int(size_field.partition(b"\0")[0].strip() or b"0", 8)
         except ValueError:
             raise _NotPlainUstar from None
         start = pos + 512
         if start + size > n:
             raise tarfile.ReadError("unexpected end of data (truncated tar)")
         if kind in (b"0", b"\0", b"7"):
-            name = hdr[:100].split(b"\0", 1)[0].decode()
-            prefix = hdr[345:500].split(b"\0", 1)[0].decode()
-            yield (f"{prefix}/{name}" if prefix else name), data[start:start + size]
+            path = name.partition(b"\0")[0].decode()
+            if prefix[:1] != b"\0":
+                path = prefix.partition(b"\0")[0].decode() + "/" + path
+            m = None if _META_RE.match(path) else _KEY_RE.match(path)
+            if m is not None:
+                key, ext = m.group(1), m.group(2).lower()
+                if cur is None or key != cur["__key__"]:
+                    cur = {"__key__": key, "__url__": url}
+                    out.append(cur)
+                if ext in cur:
+                    raise ValueError(f"{path}: duplicate file name in tar file {url}")
+                cur[ext] = bytearray(view[start:start + size])
         elif kind not in (b"5", b"1", b"2"):  # directories/links carry no sample data; pax/GNU: not plain
             raise _NotPlainUstar
         pos = start + (size + 511) // 512 * 512
     if pos < n:
         raise tarfile.ReadError("unexpected end of data (truncated tar)")
-
-
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: (key, extensions)
-_META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's __meta__-style files, which carry no sample
-
-
-def _group(files: Iterator[tuple[str, memoryview]], url: str) -> list[dict[str, Any]]:
-    """webdataset's group_by_keys for (name, bytes) pairs: consecutive files with the same key form one
-    sample {"__key__", "__url__", ext: bytes, ...} (extensions lower-cased; a repeated one is an error)."""
-    out: list[dict[str, Any]] = []
-    cur: dict[str, Any] | None = None
-    for name, body in files:
-        m = _KEY_RE.match(name)
-        if m is None:
-            continue
-        key, ext = m.group(1), m.group(2).lower()
-        if cur is None or key != cur["__key__"]:
-            cur = {"__key__": key, "__url__": url}
-            out.append(cur)
-        if ext in cur:
-            raise ValueError(f"{name}: duplicate file name in tar file {url}")
-        cur[ext] = body
     return out
 
 
 def parse_tar(data: bytes | bytearray, url: str) -> list[dict[str, Any]]:
     """Samples of a tar shard in file order, grouped by key as webdataset groups them.
 
-    Plain ustar archives (what make_shards writes) are scanned directly in memory, their files kept as
-    memoryviews of one writable copy of the shard (decoders read them without a copy or a read-only warning);
-    any other tar goes through webdataset's tar_file_iterator and group_by_keys. Both skip webdataset's
-    `__meta__` files the same way.
+    Plain ustar archives (what make_shards writes) are scanned directly in memory (`_ustar_samples`); any
+    other tar goes through webdataset's tar_file_iterator and group_by_keys. Both skip webdataset's `__meta__`
+    files the same way.
     """
     import webdataset.tariterators as wti
 
-    buf = memoryview(data if isinstance(data, bytearray) else bytearray(data))
     try:
-        return _group(((n, b) for n, b in _ustar_files(buf) if not _META_RE.match(n)), url)
+        return _ustar_samples(data, url)
     except _NotPlainUstar:
         files = [{**f, "__url__": url} for f in wti.tar_file_iterator(io.BytesIO(data))]
         return list(wti.group_by_keys(files))
@@ -568,8 +566,8 @@ class StreamReader:
             (e, pieces, order, skip), futures = pending.popleft()
             fill()
             shards: dict[int, _Shard] = {}
-            refs = []  # (slot i, shard, j) of the block's samples in concatenated order
-            for (i, shard, j0, j1), fut in zip(pieces, futures):
+            refs: list[tuple[int, int, int, int, bool]] = []  # (slot i, shard, j, tar index, flip) of the
+            for (i, shard, j0, j1), fut in zip(pieces, futures):  # block's samples in concatenated order
                 sh = fut.result()
                 shards[shard] = sh
                 if sh.samples is None and (e, shard) not in self._missing:
@@ -578,10 +576,22 @@ class StreamReader:
                     if self.on_error == "fail":
                         raise DataError(f"{sh.error} (on_error=fail)")
                     self._report(f"{sh.error}; its samples are replaced by the next readable shard's")
-                refs += [(i, shard, j) for j in range(j0, j1)]
-            for k in order[skip:]:
-                i, shard, j = refs[int(k)]
-                yield self._sample(e, i, shard, j, shards)
+                perm, flips = self._perm(e, shard)
+                ts = perm[j0:j1]
+                refs += zip(itertools.repeat(i), itertools.repeat(shard), range(j0, j1), ts.tolist(),
+                            (flips[ts] & self.hflip).tolist())
+            res = self.resolution
+            for k in order[skip:].tolist():
+                i, shard, j, t, flip = refs[k]
+                sh = shards[shard]
+                if sh.samples is not None and t < len(sh.samples) and t not in sh.bad:  # the common case
+                    sample = sh.samples[t]
+                    img = decode_hwc(sample, res, flip)
+                    if img is not None:
+                        yield sample["__key__"], img
+                        continue
+                    sh.bad.add(t)
+                yield self._sample(e, i, shard, j, shards)  # corrupt or missing: counted and substituted
 
     def steps(self, ring: _Ring | None = None) -> Iterator[dict[str, Any]]:
         """Per step: {"key": [...], "stats": {...}} and the step's uint8 images (len(streams)*G/S,R,R,3),
@@ -647,9 +657,14 @@ class _Ring:
 def _worker_main(make_reader: Any, streams: list[int], ring: _Ring, conn: Any) -> None:
     """A loader worker process: its streams' steps into `ring`, one small message per step through `conn`
     ({"slot", "key", "stats"}), or {"error", "traceback"} when reading fails."""
+    import gc
     import traceback
 
     torch.set_num_threads(1)
+    # What the process holds at start (torch, numpy, fsspec: ~200k objects) is never garbage: keep the cyclic
+    # collector's full collections, triggered by the samples of every shard read, from walking it again and
+    # again (~0.1 s each).
+    gc.freeze()
     try:
         for step in make_reader(streams).steps(ring):
             conn.send(step)

@@ -11,6 +11,8 @@ Fixtures (tests that use them are marked `@pytest.mark.services`):
   slurm_two_nodes  (function) the same with two fake nodes n1, n2
   run_python       (function) run_python(code, env=None, timeout=120) -> CompletedProcess (checked)
   chromium         (session) path of the Chromium binary (for headless UI checks)
+  export_dir       (function) an exported tiny generator (generator_ema.safetensors + model_config.json) with
+                   perturbed weights, so that its samples depend on their seeds
 
 Each pytest session starts its own services in a temporary WAVEFORGE_INFRA_DIR on free ports, so they
 never collide with services a developer runs, and stops them (by PID, through infra/*/stop.sh) at the end.
@@ -322,3 +324,32 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def export_dir(tmp_path: Path) -> Path:
+    import dataclasses
+    import json
+
+    import torch
+    from safetensors.torch import save_model
+
+    from waveforge import config, models
+
+    cfg = config.load("tiny")
+    torch.manual_seed(0)
+    G = models.build_generator(cfg.model, cfg.diffusion)
+    with torch.no_grad():  # a generator whose output depends on its input (fresh ones output zeros)
+        for p in G.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = tmp_path / "export"
+    out.mkdir()
+    save_model(G, str(out / "generator_ema.safetensors"))
+    (out / "model_config.json").write_text(json.dumps({"model": dataclasses.asdict(cfg.model),
+                                                       "diffusion": dataclasses.asdict(cfg.diffusion), "step": 0}))
+    return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -10,12 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_model
-
-from waveforge import config, models
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -49,22 +43,6 @@ def test_evaluate_bad_input_exits_2(tmp_path: Path) -> None:
     assert r.returncode == 2 and "nothing to evaluate" in r.stderr
     r = job("jobs/evaluate.py", f"real={tmp_path}", "chekpoint=x")
     assert r.returncode == 2 and "chekpoint" in r.stderr
-
-
-@pytest.fixture
-def export_dir(tmp_path: Path) -> Path:
-    cfg = config.load("tiny")
-    torch.manual_seed(0)
-    G = models.build_generator(cfg.model, cfg.diffusion)
-    with torch.no_grad():  # a generator whose output depends on its input (fresh ones output zeros)
-        for p in G.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    out = tmp_path / "export"
-    out.mkdir()
-    save_model(G, str(out / "generator_ema.safetensors"))
-    (out / "model_config.json").write_text(json.dumps({"model": dataclasses.asdict(cfg.model),
-                                                       "diffusion": dataclasses.asdict(cfg.diffusion), "step": 0}))
-    return out
 
 
 def test_sample_is_seed_indexed(export_dir: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,6 +172,44 @@ def test_requeue_without_signal_resumes_from_latest_checkpoint(slurm_cluster, s3
     every = cfg.checkpoint.every_images // cfg.train.batch_size
     assert resumed >= last_logged - every, f"resumed at {resumed}, killed after {last_logged}: lost > {every} steps"
     assert _rows(run_dir)[-1]["step"] == 20
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_sample_and_evaluate_jobs_through_slurm(slurm_cluster, export_dir: Path, tmp_path: Path,  # noqa: ANN001
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """submit.py job=sample / job=evaluate on the real Slurm (2 tasks, torch.distributed over gloo): every
+    seed's image is written once, whichever rank owns it, and equals the one-process image of that seed; the
+    evaluation's JSON lands where out= says."""
+    for k, v in {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}.items():
+        monkeypatch.setenv(k, v)  # sbatch exports the submitting environment to the tasks
+    common = ["recipe=tiny", "cluster=slurm", "nodes=1", "tasks_per_node=2", "cpus_per_task=1", "time=20",
+              "eval.batch_size=2", "--wait"]
+    r = submit_cli(*common, f"run.dir={tmp_path / 'sample-run'}", "job=sample", f"run={export_dir}", "num=5",
+                   f"out={tmp_path / 'slurm'}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "submitted sample job" in r.stdout and "wrote 5 samples" in r.stdout
+    assert sorted(p.name for p in (tmp_path / "slurm").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    assert len(list((tmp_path / "sample-run" / "logs").glob("*_[01]_log.out"))) == 2  # one log per task
+    one = subprocess.run([sys.executable, "jobs/sample.py", f"run={export_dir}", "num=5", "eval.batch_size=2",
+                          f"out={tmp_path / 'one'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    from PIL import Image
+
+    for i in range(5):  # rank 0 drew seeds 0, 2, 4 and rank 1 seeds 1, 3 (other batch splits: at most one
+        # 8-bit level on a few pixels from batched float rounding)
+        x = np.asarray(Image.open(tmp_path / "slurm" / f"{i:06d}.png")).astype(int)
+        y = np.asarray(Image.open(tmp_path / "one" / f"{i:06d}.png")).astype(int)
+        assert np.abs(x - y).max() <= 1 and (x != y).mean() < 0.01, i
+
+    shards = tmp_path / "data"
+    data.make_shards("synthetic", str(shards), 32, num_samples=24, samples_per_shard=8, progress=False)
+    r = submit_cli(*common, f"run.dir={tmp_path / 'eval-run'}", "job=evaluate", f"run={export_dir}",
+                   f"out={tmp_path / 'eval.json'}", f"data.url={shards}", "eval.num_samples=12",
+                   "eval.kid_subset_size=6", "eval.feature_extractor=tests.feature_extractors:random_conv32")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["fid"] > 0 and result["num_samples"] == 12 and result["checkpoint"] == str(export_dir)
 
 
 @pytest.mark.slow

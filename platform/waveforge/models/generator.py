@@ -40,8 +40,8 @@ from waveforge.models.layers import (
     WaveletDownConv,
     conv2d,
     group_norm,
+    group_norm_silu,
     linear,
-    silu,
     timestep_embedding,
 )
 from waveforge.wavelet import dwt, idwt_bands
@@ -205,7 +205,7 @@ class Generator(nn.Module):
                 else:
                     h = self._run(self.dec_up[i], h, temb, zemb)
 
-        h = self.conv_out(silu(self.norm_out(h)))
+        h = self.conv_out(group_norm_silu(self.norm_out, h))
         if self.patch_size > 1:
             h = F.pixel_shuffle(h, self.patch_size)
         return torch.tanh(h) if self.latent else h

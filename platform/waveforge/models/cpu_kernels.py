@@ -1,0 +1,123 @@
+"""A fused CPU kernel for sampling: GroupNorm + per-sample modulation (+ a per-sample bias before it) + SiLU.
+
+    out = adagn_silu(x, gamma, beta, bias, num_groups, eps)   # None where it does not apply
+
+Every residual block of the generator runs silu(GN(h + temb) * gamma + beta) twice. In eager PyTorch
+that is five memory-bound passes over the activation (bias add, GroupNorm's statistics and its
+normalisation, modulation, SiLU: ~15% of a celebahq256 sampling pass at batch 2 on 2 cores); the kernel
+in adagn_silu.c does it in two (per-channel sums, then silu(A x + B) with one scale and shift per channel),
+2-2.6x faster on the large activations. It is plain C with OpenMP (run on PyTorch's own OpenMP threads),
+compiled on first use with the machine's C compiler (`cc`, or $CC) into $TORCH_EXTENSIONS_DIR/waveforge
+(default ~/.cache/waveforge/kernels), keyed by the source, the flags and the CPU (it is built with
+-march=native), and loaded with ctypes: no PyTorch headers, well under a second to build.
+
+It applies only where nothing needs a gradient: float32 CPU activations in channels_last (the samplers'
+CPU layout), no autocast. Everywhere else, and when no compiler is found or the build fails (said once on
+stderr), the callers run the eager PyTorch ops. WAVEFORGE_CPU_KERNELS=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE = Path(__file__).with_name("adagn_silu.c")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(root) / "waveforge" if root else Path.home() / ".cache" / "waveforge" / "kernels"
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU model and its feature flags (a cache folder shared by
+    different machines must not hand one machine's build to another)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = ("model name", "flags", "Features", "CPU part")
+        return "\n".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in wanted}))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """The shared library, compiled unless a build for this source, compiler, flags and CPU exists (an
+    atomic rename: concurrent ranks may build at once). RuntimeError with the compiler's message on failure."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (cc, gcc or clang on PATH, or $CC)")
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
+    out_dir = out_dir or cache_dir()
+    lib = out_dir / f"adagn_silu-{key}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{lib.name}.{os.getpid()}.tmp"
+    try:
+        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True,
+                           timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"{cc} could not run: {e}") from None
+    if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{cc} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-800:]}")
+    os.replace(tmp, lib)
+    return lib
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The loaded kernel function, or None (turned off, or no build: reported once)."""
+    if os.environ.get("WAVEFORGE_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        fn = ctypes.CDLL(str(build())).waveforge_adagn_silu
+    except (RuntimeError, OSError, AttributeError) as e:
+        print(f"waveforge: the fused CPU sampling kernel is unavailable ({e}); sampling runs eager PyTorch ops "
+              f"(WAVEFORGE_CPU_KERNELS=0 silences this)", file=sys.stderr, flush=True)
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 4 + [ctypes.c_double, ctypes.c_int]
+    return fn
+
+
+def available() -> bool:
+    return _kernel() is not None
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether the kernel may compute this activation: float32 CPU channels_last, no autograd, no autocast."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def adagn_silu(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, bias: torch.Tensor | None,
+               num_groups: int, eps: float) -> torch.Tensor | None:
+    """silu(group_norm(x + bias[:, :, None, None], num_groups, eps) * gamma[:, :, None, None] + beta[..]) as a
+    new channels_last tensor, for gamma, beta, bias of shape (N, C) (bias may be None); None when the kernel
+    does not apply (see `applies`) or is unavailable: the caller then runs the eager ops."""
+    if not applies(x) or x.shape[1] % num_groups:
+        return None
+    fn = _kernel()
+    if fn is None:
+        return None
+    N, C, H, W = x.shape
+    params = [t.to(torch.float32).expand(N, C).contiguous() if t is not None else None for t in (gamma, beta, bias)]
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    status = fn(x.data_ptr(), out.data_ptr(), *(p.data_ptr() if p is not None else None for p in params),
+                N, C, H * W, num_groups, float(eps), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("the fused CPU kernel could not allocate its per-channel scratch memory")
+    return out

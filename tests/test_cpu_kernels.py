@@ -1,4 +1,4 @@
-"""The fused CPU sampling kernel (models/cpu_kernels.py + adagn_silu.c): built with the machine's C compiler,
+"""The fused CPU sampling kernels (cpu_kernels.py + cpu_kernels.c): built with the machine's C compiler,
 equal to the eager PyTorch chain it replaces, used only where no gradient is recorded, and a build failure
 falls back to the eager ops."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from waveforge import config
-from waveforge.models import build_generator, cpu_kernels, to_inference_layout
+from waveforge import config, cpu_kernels
+from waveforge.models import build_generator, to_inference_layout
 
 HAVE_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang")) or bool(os.environ.get("CC"))
 
@@ -24,10 +24,10 @@ def kernel(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     if not HAVE_CC:
         pytest.skip("no C compiler on this machine: the samplers run the eager ops")
     monkeypatch.setenv("WAVEFORGE_CPU_KERNELS", "1")
-    cpu_kernels._kernel.cache_clear()
+    cpu_kernels._library.cache_clear()
     assert cpu_kernels.available(), "a C compiler is here, so the kernel must build and load"
     yield
-    cpu_kernels._kernel.cache_clear()
+    cpu_kernels._library.cache_clear()
 
 
 def eager(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, bias: torch.Tensor | None,
@@ -74,6 +74,32 @@ def test_kernel_applies_only_to_cpu_sampling(kernel) -> None:  # noqa: ANN001
             assert cpu_kernels.adagn_silu(x, gamma, beta, None, 2, 1e-6) is None
 
 
+@pytest.mark.parametrize("shape", [(2, 12, 16, 16), (1, 3, 2, 6), (3, 64, 10, 4)])
+def test_haar_kernels_equal_the_transform(kernel, shape: tuple[int, ...]) -> None:  # noqa: ANN001
+    """dwt / idwt / idwt_bands on channels_last float32 without autograd go through the one-pass kernels and
+    give the graph-recording transform's bands (itself checked against pytorch_wavelets in test_wavelet)."""
+    from waveforge.wavelet import dwt, idwt, idwt_bands
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g)
+    ref = dwt(x.clone().requires_grad_()).detach()  # the matmul form that autograd records
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert cpu_kernels.haar_dwt(x_cl) is not None and cpu_kernels.haar_dwt(x) is None  # NCHW: eager
+        y = dwt(x_cl)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, ref, atol=1e-6, rtol=0)
+        C = shape[1]
+        back = idwt(y)  # bands read as channel slices of y, in place
+        assert cpu_kernels.haar_idwt(y[:, :C], y[:, C:]) is not None
+        assert back.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(back, x, atol=1e-6, rtol=0)
+        ll = torch.randn(shape[0], C, *y.shape[2:], generator=g).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(idwt_bands(ll, y[:, C:]), idwt(torch.cat([ll, y[:, C:]], 1).contiguous()),
+                                   atol=1e-6, rtol=0)
+    assert cpu_kernels.haar_dwt(x_cl) is None  # autograd on: the differentiable form
+
+
 def test_generator_samples_through_the_kernel(kernel, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     """A CPU sampling forward (no autograd, channels_last) calls the kernel in every residual block and gives
     the eager forward's x0_hat."""
@@ -100,7 +126,7 @@ def test_generator_samples_through_the_kernel(kernel, monkeypatch: pytest.Monkey
     blocks = sum(1 for m in G.modules() if type(m).__name__ == "ResBlock")
     assert len(results) >= 2 * blocks + 1 and all(results)  # both norms of every block and the output norm
     monkeypatch.setenv("WAVEFORGE_CPU_KERNELS", "0")
-    cpu_kernels._kernel.cache_clear()
+    cpu_kernels._library.cache_clear()
     results.clear()
     with torch.no_grad():
         plain = G(x, t, z)
@@ -119,16 +145,16 @@ def test_build_is_cached_and_a_failed_build_falls_back(tmp_path: Path, monkeypat
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     monkeypatch.setenv("WAVEFORGE_CPU_KERNELS", "1")
-    cpu_kernels._kernel.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
         x = torch.randn(1, 4, 2, 2).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             assert cpu_kernels.adagn_silu(x, torch.ones(1, 4), torch.zeros(1, 4), None, 2, 1e-6) is None
             assert cpu_kernels.adagn_silu(x, torch.ones(1, 4), torch.zeros(1, 4), None, 2, 1e-6) is None
         err = capsys.readouterr().err
-        assert err.count("fused CPU sampling kernel is unavailable") == 1 and "no-such-compiler" in err
+        assert err.count("fused CPU sampling kernels are unavailable") == 1 and "no-such-compiler" in err
         monkeypatch.setenv("WAVEFORGE_CPU_KERNELS", "0")  # turned off: no build is tried
-        cpu_kernels._kernel.cache_clear()
+        cpu_kernels._library.cache_clear()
         assert not cpu_kernels.available() and capsys.readouterr().err == ""
     finally:
-        cpu_kernels._kernel.cache_clear()
+        cpu_kernels._library.cache_clear()

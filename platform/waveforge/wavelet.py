@@ -22,7 +22,8 @@ The transform is orthonormal (the inverse is the transpose), exact in fp32, writ
 product per 2x2 block (a reshape, a permute and a matmul) when autograd records it, so it is
 differentiable to any order (R1 runs through it) and has no filter parameters; without a graph
 (sampling) the same sums come from a two-stage add/sub butterfly on strided views written straight into
-the output, in the input's memory layout (channels_last stays channels_last). Inputs in bf16/fp16 are
+the output, in the input's memory layout (channels_last stays channels_last); float32 channels_last on the
+CPU (the sampler's layout) takes the one-pass C kernels of `waveforge.cpu_kernels` instead. Inputs in bf16/fp16 are
 computed in fp32 and cast back (fp64 stays fp64, for gradcheck), with autocast disabled inside.
 """
 
@@ -31,6 +32,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from waveforge import cpu_kernels
 
 __all__ = ["dwt", "idwt", "idwt_bands", "to_wavelet", "from_wavelet", "dwt_levels", "idwt_levels"]
 
@@ -86,6 +89,10 @@ def dwt(x: torch.Tensor) -> torch.Tensor:
     B, C, H, W = x.shape
     h, w = H // 2, W // 2
     if _butterfly(x):
+        if x.dtype == torch.float32 and _memory_format(x) is torch.channels_last:
+            out = cpu_kernels.haar_dwt(x)  # the CPU sampler's layout: one fused pass (None: not here)
+            if out is not None:
+                return out
         # Without autograd: sums and differences of strided views written straight into the bands, in the
         # input's memory layout (channels_last stays channels_last). Rows first: s = a+c | b+d, d = a-c | b-d.
         xc = x.to(_compute_dtype(x))
@@ -111,6 +118,10 @@ def _idwt_butterfly(ll: torch.Tensor, high: torch.Tensor, dtype: torch.dtype,
     through views (no concatenated copy); each pixel of the 2x2 blocks written through a strided view.
     Computed in fp32 (fp64 for an fp64 `dtype`, the result's), returned in `dtype`."""
     B, C, h, w = ll.shape
+    if dtype == torch.float32 and memory_format is torch.channels_last:
+        out = cpu_kernels.haar_idwt(ll, high)  # the CPU sampler's layout: one fused pass (None: not here)
+        if out is not None:
+            return out
     ct = torch.float64 if dtype == torch.float64 else torch.float32
     ll, high = ll.to(ct), high.to(ct)
     lh, hl, hh = high[:, :C], high[:, C:2 * C], high[:, 2 * C:]

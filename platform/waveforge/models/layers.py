@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from waveforge.models import cpu_kernels
+from waveforge import cpu_kernels
 from waveforge.wavelet import dwt, idwt_bands
 
 # --------------------------------------------------------------------------------------------------

@@ -1,10 +1,16 @@
-/* waveforge's fused CPU kernel for sampling: GroupNorm, per-sample modulation and SiLU in two passes.
+/* waveforge's fused CPU kernels for sampling, on float32 activations in channels_last memory (N, H, W, C).
 
-   Built and loaded by waveforge/models/cpu_kernels.py (plain C, OpenMP; no PyTorch headers, so it
-   compiles in well under a second). Eager PyTorch runs the same chain as 5 passes over memory (bias add,
-   GroupNorm statistics and normalisation, modulation, SiLU); here pass 1 accumulates per-channel sums
-   and sums of squares (float over blocks of 64 pixels, then double), the group statistics of x + bias
-   follow from them exactly, and pass 2 writes silu(A x + B) with one scale A and shift B per channel. */
+   Built and loaded by waveforge/cpu_kernels.py (plain C, OpenMP; no PyTorch headers, so it compiles in
+   well under a second).
+
+   waveforge_adagn_silu: GroupNorm, per-sample modulation and SiLU in two passes. Eager PyTorch runs the
+   chain as 5 passes over memory (bias add, GroupNorm statistics and normalisation, modulation, SiLU);
+   here pass 1 accumulates per-channel sums and sums of squares (float over blocks of 64 pixels, then
+   double), the group statistics of x + bias follow from them exactly, and pass 2 writes silu(A x + B)
+   with one scale A and shift B per channel.
+
+   waveforge_haar_dwt / waveforge_haar_idwt: one level of the orthonormal Haar transform (the convention
+   of waveforge/wavelet.py) in one pass each, where eager PyTorch's butterfly takes seven. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -123,4 +129,54 @@ int waveforge_adagn_silu(const float *x, float *out, const float *gamma, const f
         status |= t.status;
     }
     return status;
+}
+
+/* One Haar DWT level: x (N, H, W, C) channels_last contiguous -> out (N, H/2, W/2, 4C) channels_last
+   contiguous, bands [LL, LH, HL, HH] of C channels each; for the 2x2 block [[a, b], [c, d]]:
+   LL = (a+b+c+d)/2, LH = (a+b-c-d)/2, HL = (a-b+c-d)/2, HH = (a-b-c+d)/2. */
+void waveforge_haar_dwt(const float *x, float *out, long N, long C, long H, long W, int threads) {
+    const long h = H / 2, w = W / 2;
+#pragma omp parallel for num_threads(threads) collapse(2) schedule(static)
+    for (long n = 0; n < N; n++) {
+        for (long i = 0; i < h; i++) {
+            for (long j = 0; j < w; j++) {
+                const float *a = x + ((n * H + 2 * i) * W + 2 * j) * C, *b = a + C;
+                const float *c = a + W * C, *d = c + C;
+                float *o = out + ((n * h + i) * w + j) * 4 * C;
+                for (long k = 0; k < C; k++) {
+                    float s0 = a[k] + c[k], s1 = b[k] + d[k], d0 = a[k] - c[k], d1 = b[k] - d[k];
+                    o[k] = 0.5f * (s0 + s1);
+                    o[C + k] = 0.5f * (d0 + d1);
+                    o[2 * C + k] = 0.5f * (s0 - s1);
+                    o[3 * C + k] = 0.5f * (d0 - d1);
+                }
+            }
+        }
+    }
+}
+
+/* The inverse: LL (N, h, w, C) and the high bands [LH, HL, HH] (N, h, w, 3C), each given by its pixel
+   strides (elements between samples, rows and columns; the channel stride is 1, so a channel slice of a
+   channels_last tensor is read where it lies) -> out (N, 2h, 2w, C) channels_last contiguous. */
+void waveforge_haar_idwt(const float *ll, long ln, long ly, long lx, const float *hi, long hn, long hy, long hx,
+                         float *out, long N, long C, long h, long w, int threads) {
+    const long W = 2 * w;
+#pragma omp parallel for num_threads(threads) collapse(2) schedule(static)
+    for (long n = 0; n < N; n++) {
+        for (long i = 0; i < h; i++) {
+            for (long j = 0; j < w; j++) {
+                const float *L = ll + n * ln + i * ly + j * lx, *Hb = hi + n * hn + i * hy + j * hx;
+                float *a = out + ((n * 2 * h + 2 * i) * W + 2 * j) * C, *b = a + C;
+                float *c = a + W * C, *d = c + C;
+                for (long k = 0; k < C; k++) {
+                    float p = L[k] + Hb[k], q = Hb[C + k] + Hb[2 * C + k];
+                    float r = L[k] - Hb[k], s = Hb[C + k] - Hb[2 * C + k];
+                    a[k] = 0.5f * (p + q);
+                    b[k] = 0.5f * (p - q);
+                    c[k] = 0.5f * (r + s);
+                    d[k] = 0.5f * (r - s);
+                }
+            }
+        }
+    }
 }

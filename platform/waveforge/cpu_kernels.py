@@ -105,10 +105,16 @@ def available() -> bool:
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Whether the kernel may compute this activation: float32 CPU channels_last, no autograd, no autocast."""
+    """Whether the kernels may compute this activation: float32 CPU channels_last, no autograd, no autocast."""
+    return applies_strided(x) and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def applies_strided(x: torch.Tensor) -> bool:
+    """`applies` for a channel slice of a channels_last tensor: channels adjacent in memory (stride 1), the
+    pixels anywhere."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and x.is_contiguous(memory_format=torch.channels_last))
+            and (x.stride(1) == 1 or x.shape[1] == 1))
 
 
 def adagn_silu(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, bias: torch.Tensor | None,
@@ -162,11 +168,3 @@ def haar_idwt(ll: torch.Tensor, high: torch.Tensor) -> torch.Tensor | None:
                             high.stride(0), high.stride(2), high.stride(3), out.data_ptr(), N, C, h, w,
                             torch.get_num_threads())
     return out
-
-
-def applies_strided(x: torch.Tensor) -> bool:
-    """`applies` for a channel slice of a channels_last tensor: channels adjacent in memory (stride 1), the
-    pixels anywhere."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and (x.stride(1) == 1 or x.shape[1] == 1))

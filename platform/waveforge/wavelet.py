@@ -22,9 +22,10 @@ The transform is orthonormal (the inverse is the transpose), exact in fp32, writ
 product per 2x2 block (a reshape, a permute and a matmul) when autograd records it, so it is
 differentiable to any order (R1 runs through it) and has no filter parameters; without a graph
 (sampling) the same sums come from a two-stage add/sub butterfly on strided views written straight into
-the output, in the input's memory layout (channels_last stays channels_last); float32 channels_last on the
-CPU (the sampler's layout) takes the one-pass C kernels of `waveforge.cpu_kernels` instead. Inputs in bf16/fp16 are
-computed in fp32 and cast back (fp64 stays fp64, for gradcheck), with autocast disabled inside.
+the output, in the input's memory layout (channels_last stays channels_last); float32 channels_last on
+the CPU (the sampler's layout) takes the one-pass C kernels of `waveforge.cpu_kernels` instead. Inputs in
+bf16/fp16 are computed in fp32 and cast back (fp64 stays fp64, for gradcheck), with autocast disabled
+inside.
 """
 
 from __future__ import annotations
@@ -89,10 +90,9 @@ def dwt(x: torch.Tensor) -> torch.Tensor:
     B, C, H, W = x.shape
     h, w = H // 2, W // 2
     if _butterfly(x):
-        if x.dtype == torch.float32 and _memory_format(x) is torch.channels_last:
-            out = cpu_kernels.haar_dwt(x)  # the CPU sampler's layout: one fused pass (None: not here)
-            if out is not None:
-                return out
+        out = cpu_kernels.haar_dwt(x)  # float32 channels_last on the CPU (the sampler's): one fused pass
+        if out is not None:
+            return out
         # Without autograd: sums and differences of strided views written straight into the bands, in the
         # input's memory layout (channels_last stays channels_last). Rows first: s = a+c | b+d, d = a-c | b-d.
         xc = x.to(_compute_dtype(x))

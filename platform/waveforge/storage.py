@@ -14,9 +14,13 @@ A missing object raises the ordinary `FileNotFoundError`, so callers can treat i
 
 from __future__ import annotations
 
+import http.client
 import os
 import random
+import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -222,9 +226,105 @@ def size(url: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RET
 
 
 def read_bytes(url: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES,
-               on_retry: Callable[[int, BaseException], None] | None = None) -> bytes:
+               on_retry: Callable[[int, BaseException], None] | None = None, start: int | None = None,
+               end: int | None = None) -> bytes:
+    """The object's bytes [start, end) (the whole object by default; fewer when it is shorter). From s3:// a
+    single GET: see `_s3_get`."""
     fs, path = filesystem(url, scfg)
-    return with_retries(lambda: fs.cat_file(path), url, "reading", retries=retries, scfg=scfg, on_retry=on_retry)
+    if scheme(url) in ("s3", "s3a"):
+        return with_retries(lambda: _s3_get(fs, path, start, end), url, "reading", retries=retries, scfg=scfg,
+                            on_retry=on_retry)
+    return with_retries(lambda: fs.cat_file(path, start=start, end=end), url, "reading", retries=retries,
+                        scfg=scfg, on_retry=on_retry)
+
+
+# --------------------------------------------------------------------------------------------------
+# S3 object reads: a presigned GET on a kept-alive connection
+# --------------------------------------------------------------------------------------------------
+
+PRESIGN_EXPIRES_S = 3600  # validity of a presigned GET URL; a URL is re-signed after half of it
+_presigned: dict[tuple[Any, str], tuple[float, str]] = {}
+_connections = threading.local()  # per thread: {(scheme, host, port): http.client connection}
+FAST_GET_STATS = {"fast": 0, "fallback": 0}  # reads served by the presigned GET / handed to s3fs
+
+
+def _connection(scheme_: str, host: str, port: int | None, fresh: bool) -> http.client.HTTPConnection:
+    conns = getattr(_connections, "map", None)
+    if conns is None:
+        conns = _connections.map = {}
+    key = (scheme_, host, port)
+    conn = conns.get(key)
+    if conn is None or fresh:
+        if conn is not None:
+            conn.close()
+        if scheme_ == "https":
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
+            conn = http.client.HTTPSConnection(host, port, timeout=60, context=ctx)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=60)
+        conns[key] = conn
+    return conn
+
+
+def _fast_get(fs: Any, path: str, start: int | None, end: int | None) -> bytes | None:
+    """The bytes by one GET of a presigned URL on this thread's kept-alive connection, or None to let s3fs do
+    the request (anything but a 200/206 answer: missing object or bucket, denied access, redirects, server
+    errors, an unreachable endpoint; also proxies). s3fs's own GET costs ~2.7 ms of client CPU per 1 MiB
+    object and ~1.1 ms per further MiB (botocore's per-request machinery, aiohttp's chunked body); this
+    one ~0.5 ms and ~0.5 ms per MiB, and the server does less work per request too. Every failure takes
+    s3fs's path, so errors are exactly s3fs's (classified by `with_retries`)."""
+    if not hasattr(fs, "url") or getattr(fs, "req_kw", None) or min(start or 0, end or 0) < 0:
+        return None
+    now = time.monotonic()
+    got = _presigned.get((fs, path))
+    try:
+        if got is None or now - got[0] > PRESIGN_EXPIRES_S / 2:
+            if len(_presigned) > 65536:
+                _presigned.clear()
+            got = _presigned[(fs, path)] = (now, fs.url(path, expires=PRESIGN_EXPIRES_S))
+    except Exception:  # noqa: BLE001 - e.g. no credentials: s3fs reports it
+        return None
+    u = urllib.parse.urlsplit(got[1])
+    if u.scheme not in ("http", "https") or not u.hostname or (
+            urllib.request.getproxies() and not urllib.request.proxy_bypass(u.hostname)):
+        return None
+    headers = {}
+    if start is not None or end is not None:
+        lo = start or 0
+        if end is not None and end <= lo:
+            return b""
+        headers["Range"] = f"bytes={lo}-{'' if end is None else end - 1}"
+    target = f"{u.path}?{u.query}" if u.query else u.path
+    for fresh in (False, True):  # a kept-alive connection the server closed meanwhile: once more, anew
+        conn = _connection(u.scheme, u.hostname, u.port, fresh)
+        try:
+            conn.request("GET", target, headers=headers)
+            resp = conn.getresponse()
+            status, data = resp.status, resp.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            if fresh:
+                return None
+            continue
+        if status == 206 or (status == 200 and not headers):
+            FAST_GET_STATS["fast"] += 1
+            return data
+        if status == 200:  # the range was ignored: the whole object came
+            FAST_GET_STATS["fast"] += 1
+            return data[start or 0:end]
+        _presigned.pop((fs, path), None)  # e.g. expired credentials: sign anew next time
+        return None
+    return None
+
+
+def _s3_get(fs: Any, path: str, start: int | None, end: int | None) -> bytes:
+    data = _fast_get(fs, path, start, end)
+    if data is None:
+        FAST_GET_STATS["fallback"] += 1
+        data = fs.cat_file(path, start=start, end=end)
+    return data
 
 
 def read_text(url: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES) -> str:

@@ -285,11 +285,15 @@ def test_micro_batches_images_and_flips(synth):
 
 def test_worker_batches_equal_in_process_batches_and_stay_valid(synth):
     """Workers hand batches over through shared-memory rings: every batch a caller keeps stays intact while
-    the workers go on writing (the loader copies a batch out before its slot is reused)."""
+    the workers go on writing (the loader copies a batch out before its slot is reused), and the loader's
+    reused batch memory is only ever memory no tensor of the caller's still uses."""
     kept = []
     ld = ShardLoader(synth, global_batch=G, rank=0, world=1, seed=5, num_workers=2)
-    for _ in range(12):  # more steps than a ring has slots
-        kept.append(torch.cat([mb["image"] for mb in ld.next_step()]))
+    for _ in range(12):  # more steps than a ring has slots and the batch pool has arrays
+        kept.append(ld.next_step()[0]["image"])  # the loader's own (view of its) batch memory
+    ptr = ld.next_step()[0]["image"].data_ptr()  # dropped at once: its memory comes back next step
+    assert ld.next_step()[0]["image"].data_ptr() == ptr
+    assert len({x.data_ptr() for x in kept} | {ptr}) == 13
     ld.close()
     ref = ShardLoader(synth, global_batch=G, rank=0, world=1, seed=5)
     for x in kept:

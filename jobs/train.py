@@ -14,6 +14,10 @@ from waveforge import cli
 
 def main() -> None:
     args = cli.parse(sys.argv[1:], "train", __doc__)
+    if args.cfg.data.num_workers:
+        from waveforge.data import start_worker_server
+
+        start_worker_server()  # its torch import overlaps ours: the loader's workers start at once later
     from waveforge import launch, train
 
     try:

@@ -493,6 +493,23 @@ def test_iterate_dataset_visits_each_sample_once(synth):
     assert sum(p.shape[0] for p in parts) == 100 and torch.equal(torch.cat(parts), whole[:100])
 
 
+def test_worker_server_starts_early_without_importing_torch_here(run_python):
+    """jobs/train.py launches the workers' forkserver before it imports torch: the launch itself must not
+    import torch (or wait for the server), and the server must be the one the loader's workers come from."""
+    out = run_python(
+        "import os, sys\n"
+        "from waveforge.data import start_worker_server\n"
+        "start_worker_server()\n"
+        "import multiprocessing.forkserver as fsv\n"
+        "pid = fsv._forkserver._forkserver_pid\n"
+        "print('torch' in sys.modules, pid is not None and os.path.exists(f'/proc/{pid}'))\n"
+        "from waveforge.data import worker_context\n"
+        "p = worker_context().Process(target=print, args=('from the server',))\n"
+        "p.start(); p.join()\n"
+        "print(fsv._forkserver._forkserver_pid == pid, p.exitcode)\n")
+    assert out.stdout.split() == ["False", "True", "from", "the", "server", "True", "0"]
+
+
 def test_ensure_dataset_draws_synthetic_set_once(tmp_path):
     url = str(tmp_path / "syn")
     cfg = config.load("tiny", {"data.url": url, "data.synthetic_samples": 70, "model.resolution": 16})

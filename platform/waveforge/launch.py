@@ -215,6 +215,10 @@ class Task:
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         if self.job == "train":
+            if self.cfg.data.num_workers:
+                from waveforge.data import start_worker_server
+
+                start_worker_server()  # as jobs/train.py does: the workers' server imports while we do
             from waveforge import train
 
             stop = StopFlag()

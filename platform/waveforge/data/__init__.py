@@ -17,7 +17,7 @@ _EXPORTS = {
     "DataError": "loader", "Plan": "loader", "ShardLoader": "loader", "from_config": "loader",
     "iterate_dataset": "loader", "normalize": "loader", "num_streams": "loader", "register_gopen": "loader",
     "ensure_dataset": "shards", "make_shards": "shards", "manifest_url": "shards", "read_manifest": "shards",
-    "synthetic_image": "synthetic",
+    "synthetic_image": "synthetic", "start_worker_server": "workers", "worker_context": "workers",
 }
 __all__ = sorted(_EXPORTS)
 

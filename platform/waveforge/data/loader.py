@@ -79,6 +79,7 @@ from PIL import Image
 from waveforge import storage as store
 from waveforge.config import MAX_DATA_STREAMS, ConfigError, StorageConfig, data_streams
 from waveforge.data.shards import dataset_root, manifest_url, read_manifest
+from waveforge.data.workers import worker_context
 
 MAX_STREAMS = MAX_DATA_STREAMS
 _RING_SLOTS = 4  # step batches per worker's shared-memory ring: how far a worker may run ahead
@@ -724,27 +725,6 @@ def worker_streams(streams: list[int], num_workers: int, w: int) -> list[int]:
     """Worker w's contiguous run of the rank's streams."""
     k = len(streams)
     return streams[w * k // num_workers:(w + 1) * k // num_workers]
-
-
-def worker_context() -> Any:
-    """A multiprocessing context for worker processes that inherit no open storage connections.
-
-    A forked child shares the parent's sockets and fsspec's event-loop state: after it, the parent's pooled
-    S3 connections can stall. A forkserver child starts from a clean server process (which preloads this
-    module, so workers start in milliseconds, not the seconds of importing torch; the server is started
-    once per process and shared by the shard writers and every loader).
-    """
-    import multiprocessing as mp
-
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    try:
-        ctx.set_forkserver_preload(["waveforge.data.loader", "waveforge.data.shards", "webdataset", "s3fs",
-                                    "torchvision.io"])
-    except Exception:  # noqa: BLE001 - preloading is an optimisation only
-        pass
-    return ctx
 
 
 # --------------------------------------------------------------------------------------------------

@@ -300,7 +300,7 @@ def make_shards(source: str, output: str, resolution: int, *, num_samples: int |
             records[k] = _write_shard(job)
             bar.update(len(job["items"]))
     else:
-        from waveforge.data.loader import worker_context  # no fork: see worker_context
+        from waveforge.data.workers import worker_context  # no fork: see worker_context
 
         ctx = worker_context()
         with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:

@@ -19,11 +19,10 @@ import os
 import random
 import threading
 import time
-import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 import fsspec
 
@@ -286,7 +285,7 @@ def _fast_get(fs: Any, path: str, start: int | None, end: int | None) -> bytes |
             got = _presigned[(fs, path)] = (now, fs.url(path, expires=PRESIGN_EXPIRES_S))
     except Exception:  # noqa: BLE001 - e.g. no credentials: s3fs reports it
         return None
-    u = urllib.parse.urlsplit(got[1])
+    u = urlsplit(got[1])
     if u.scheme not in ("http", "https") or not u.hostname or (
             urllib.request.getproxies() and not urllib.request.proxy_bypass(u.hostname)):
         return None
@@ -308,12 +307,9 @@ def _fast_get(fs: Any, path: str, start: int | None, end: int | None) -> bytes |
             if fresh:
                 return None
             continue
-        if status == 206 or (status == 200 and not headers):
+        if status in (200, 206):
             FAST_GET_STATS["fast"] += 1
-            return data
-        if status == 200:  # the range was ignored: the whole object came
-            FAST_GET_STATS["fast"] += 1
-            return data[start or 0:end]
+            return data[start or 0:end] if status == 200 and headers else data  # 200: the range was ignored
         _presigned.pop((fs, path), None)  # e.g. expired credentials: sign anew next time
         return None
     return None

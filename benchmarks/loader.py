@@ -10,12 +10,13 @@ compare runs under the same machine load; the summary gives per-source medians a
 per-round ratios. Every loader run is a fresh ShardLoader with its own seed (a new shard order: nothing
 is served from an earlier run's cache), timed after three warm-up steps. Target: S3 >= 80% of in-memory.
 Keys: resolution=64 num_samples=8192 samples_per_shard=256 (or 0 and shard_mb=8) world=8 batch=64 workers=2
-steps=100 rounds=5
-encoding=png bucket=waveforge-bench. The defaults are one rank of an 8-rank job: 8 of the 64 streams,
-8 samples per stream and step, ~1 MiB shards. The loader keeps each stream's current and next shard in
-memory (a burst of reads at start-up), so a timed run measures streaming only when it is long against a
-shard per stream: the defaults read about as many bytes during the timed steps as they decode (column
-"read/used"); world=1 (all 64 streams in one rank) needs far more steps and data to get there.
+steps=100 rounds=5 encoding=png bucket=waveforge-bench flip=device (as the trainer on a GPU: the loader hands
+out flip bits and `normalize` mirrors there; flip=loader: the workers mirror). The defaults are one rank of
+an 8-rank job: 8 of the 64 streams, 8 samples per stream and step, ~1 MiB shards. The loader keeps each
+stream's current and next shard in memory (a burst of reads at start-up), so a timed run measures streaming
+only when it is long against a shard per stream: the defaults read about as many bytes during the timed
+steps as they decode (column "read/used"); world=1 (all 64 streams in one rank) needs far more steps and
+data to get there.
 
 On a machine shared with other work the samples/s ratio is biased: the loader runs three processes (main
 and two workers), the in-memory decode two, and contended cores are shared per process, so the loader's
@@ -120,14 +121,14 @@ def in_memory_rate(pool: cf.ProcessPoolExecutor, workers: int, res: int, seconds
 
 
 def loader_rate(url: str, world: int, batch: int, workers: int, steps: int, scfg: Any, seed: int,
-                server_pid: int | None) -> dict[str, float]:
+                server_pid: int | None, defer_flip: bool) -> dict[str, float]:
     """A fresh ShardLoader (its own seed: a new shard order) timed over `steps` steps after 3 warm-up steps:
     {"rate": samples/s, "per_cpu_s": samples per CPU second of the main process, the workers and the S3
     server together, "shards_read", "mib_read", "server_cpu_s": CPU seconds of the S3 server meanwhile}."""
     from waveforge.data import ShardLoader
 
     ld = ShardLoader(url, global_batch=batch * world, rank=0, world=world, num_workers=workers, storage=scfg,
-                     seed=seed)
+                     seed=seed, defer_flip=defer_flip)
     for _ in range(3):
         ld.next_step()  # worker start-up and the first shards
     before = ld.stats()
@@ -154,7 +155,7 @@ def bench_stream(o: dict[str, Any], tmp: Path, scfg: Any, server_pid: int | None
     from waveforge.data.loader import worker_context
 
     res, workers, batch, steps = int(o["resolution"]), int(o["workers"]), int(o["batch"]), int(o["steps"])
-    world = int(o["world"])
+    world, defer = int(o["world"]), o["flip"] == "device"
     local = str(tmp / "shards")
     per_shard = f"{o['samples_per_shard']}" if int(o["samples_per_shard"]) else f"{o['shard_mb']}mb"
     s3 = f"s3://{o['bucket']}/synthetic-{res}-{o['encoding']}-{o['num_samples']}-{per_shard}"
@@ -164,7 +165,8 @@ def bench_stream(o: dict[str, Any], tmp: Path, scfg: Any, server_pid: int | None
     fs.put(local + "/", path, recursive=True)  # the same bytes in the bucket
     print(f"stream: {s['samples']} synthetic {res}px {o['encoding']} images in {s['shards']} shards "
           f"({s['bytes'] / 2**20:.1f} MiB); rank 0 of {world}: {num_streams(batch * world) // world} streams, "
-          f"{batch} samples per step, {workers} workers, {steps} timed steps per run; {os.cpu_count()} cores, "
+          f"{batch} samples per step, {workers} workers, {steps} timed steps per run, random flip on the "
+          f"{o['flip']}; {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     used_mib = steps * batch * s["bytes"] / s["samples"] / 2**20  # encoded MiB a timed run decodes
     rows = []
@@ -177,8 +179,9 @@ def bench_stream(o: dict[str, Any], tmp: Path, scfg: Any, server_pid: int | None
         for r in range(int(o["rounds"])):
             seconds = steps * batch / 3000  # about as long as one loader run
             mem = in_memory_rate(pool, workers, res, seconds)
-            disk = loader_rate(local, world, batch, workers, steps, None, seed=r, server_pid=None)
-            remote = loader_rate(s3, world, batch, workers, steps, scfg, seed=r, server_pid=server_pid)
+            disk = loader_rate(local, world, batch, workers, steps, None, seed=r, server_pid=None, defer_flip=defer)
+            remote = loader_rate(s3, world, batch, workers, steps, scfg, seed=r, server_pid=server_pid,
+                                 defer_flip=defer)
             row = {"mem": mem["rate"], "disk": disk["rate"], "s3": remote["rate"],
                    "disk/mem": disk["rate"] / mem["rate"], "s3/mem": remote["rate"] / mem["rate"],
                    "cpu disk/mem": disk["per_cpu_s"] / mem["per_cpu_s"],
@@ -274,6 +277,7 @@ def main(argv: list[str]) -> None:
             "world": "stream: ranks of the simulated job; rank 0 is measured (default 8)",
             "batch": "stream: samples per step of the rank (default 64)",
             "workers": "stream: DataLoader workers (default 2)",
+            "flip": "stream: device (default: the trainer on a GPU mirrors there) or loader (mirrored by the workers)",
             "steps": "stream: timed steps per run (default 100)",
             "rounds": "stream: interleaved rounds (default 5)",
             "encoding": "stream: png (default), jpg or webp",
@@ -284,9 +288,12 @@ def main(argv: list[str]) -> None:
     args = cli.parse(argv, "loader", __doc__, job_keys=keys, recipe=False)
     o = {"mode": "all", "resolution": 64, "num_samples": 8192, "samples_per_shard": 256, "shard_mb": 8, "world": 8,
          "batch": 64, "workers": 2, "steps": 100, "rounds": 5, "encoding": "png", "bucket": "waveforge-bench",
+         "flip": "device",
          "train_steps": 30, "log_steps": 5, "trainer_source": "local", **args.job}
     if o["mode"] not in ("all", "stream", "trainer"):
         raise SystemExit(f"error: mode={o['mode']!r}: expected all, stream or trainer")
+    if o["flip"] not in ("device", "loader"):
+        raise SystemExit(f"error: flip={o['flip']!r}: expected device or loader")
     import torch
 
     torch.set_num_threads(1)

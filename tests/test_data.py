@@ -284,20 +284,29 @@ def test_micro_batches_images_and_flips(synth):
 
 
 def test_worker_batches_equal_in_process_batches_and_stay_valid(synth):
-    """Workers hand batches over through shared-memory rings: every batch a caller keeps stays intact while
-    the workers go on writing (the loader copies a batch out before its slot is reused), and the loader's
-    reused batch memory is only ever memory no tensor of the caller's still uses."""
-    kept = []
-    ld = ShardLoader(synth, global_batch=G, rank=0, world=1, seed=5, num_workers=2)
-    for _ in range(12):  # more steps than a ring has slots and the batch pool has arrays
-        kept.append(ld.next_step()[0]["image"])  # the loader's own (view of its) batch memory
-    ptr = ld.next_step()[0]["image"].data_ptr()  # dropped at once: its memory comes back next step
-    assert ld.next_step()[0]["image"].data_ptr() == ptr
-    assert len({x.data_ptr() for x in kept} | {ptr}) == 13
-    ld.close()
+    """Workers write batches into shared-memory slots that next_step hands out in place: every batch a caller
+    keeps stays intact while the workers go on (a slot is written again only once no tensor uses it; a
+    caller that keeps many gets copies, never a stall), and once the caller drops its batches their slots
+    come back."""
+    from waveforge.data.loader import _AHEAD_MIN, _RING_SLOTS
+
     ref = ShardLoader(synth, global_batch=G, rank=0, world=1, seed=5)
-    for x in kept:
-        assert torch.equal(x, torch.cat([mb["image"] for mb in ref.next_step()]))
+    want = [torch.cat([mb["image"] for mb in ref.next_step()]) for _ in range(24)]
+    ld = ShardLoader(synth, global_batch=G, rank=0, world=1, seed=5, num_workers=2)
+    slots = {a.ctypes.data for a in ld._slots}
+    kept = [ld.next_step()[0]["image"] for _ in range(12)]  # twice as many steps as there are slots
+    ptrs = [x.data_ptr() for x in kept]
+    lent = _RING_SLOTS - _AHEAD_MIN
+    assert set(ptrs[:lent]) <= slots and not set(ptrs[lent:]) & slots and len(set(ptrs)) == 12
+    assert all(torch.equal(x, y) for x, y in zip(kept, want))
+    del kept
+    ptrs = []
+    for y in want[12:]:  # each batch dropped at once: in place again, in the slots
+        x = ld.next_step()[0]["image"]
+        assert torch.equal(x, y)
+        ptrs.append(x.data_ptr())
+    assert set(ptrs) <= slots
+    ld.close()
 
 
 def test_worker_failures_reach_the_caller(synth, tmp_path):
@@ -329,23 +338,31 @@ def test_worker_failures_reach_the_caller(synth, tmp_path):
             os.kill(pid, 0)
 
 
-def test_ring_slot_waits_for_release():
+def test_worker_waits_for_its_next_slot_to_be_named():
+    """A worker writes a step only into the slot the main process named for it (none named: it waits), and
+    stops waiting when the loader closes."""
     import multiprocessing as mp
     import threading
 
-    from waveforge.data.loader import _Ring
+    from waveforge.data.loader import _Ring, _Stopped
 
-    ring = _Ring(mp.get_context("spawn"), 2, (1, 3, 2, 2))
-    a, b = ring.acquire(0), ring.acquire(1)
-    assert a.shape == (1, 3, 2, 2) and not np.shares_memory(a, b)
-    got = []
-    t = threading.Thread(target=lambda: got.append(ring.acquire(2)))
+    ctx = mp.get_context("spawn")
+    buf = torch.zeros((3, 4, 2, 2, 3), dtype=torch.uint8)
+    todo, name = ctx.Pipe(duplex=False)
+    ring = _Ring(buf, 1, 3, todo, ctx.Event())
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(ring.acquire()))
     t.start()
-    t.join(0.5)
-    assert t.is_alive() and not got  # slot 0 is not released yet: the writer waits
-    ring.release()
+    t.join(0.7)
+    assert t.is_alive() and not got  # nothing named yet: the writer waits
+    name.send(2)
     t.join(5)
-    assert not t.is_alive() and np.shares_memory(got[0], a)
+    assert not t.is_alive() and ring.slot == 2 and got[0].shape == (2, 2, 2, 3)
+    got[0][:] = 7
+    assert buf[2, 1:3].eq(7).all() and buf[2, 0].eq(0).all() and buf[:2].eq(0).all()  # its rows of slot 2
+    ring.stop.set()
+    with pytest.raises(_Stopped):
+        ring.acquire()
 
 
 def test_decoders_agree_and_pil_takes_what_torchvision_rejects():
@@ -433,6 +450,39 @@ def test_corrupt_sample_is_replaced_and_counted(synth, tmp_path):
     with pytest.raises(DataError, match="000000095"):
         for _ in range(19):
             strict.next_step()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_deferred_flip_gives_the_same_normalized_batches(synth, tmp_path, num_workers):
+    """defer_flip hands out unflipped images and flip bits; normalize(image, flip) mirrors them: the same
+    float batches as flipping in the loader, also for the samples that replace a corrupt sample and a
+    missing shard's samples."""
+    url = _copy_dataset(synth, tmp_path / "d")
+    Path(url, "shard-000007.tar").unlink()
+    shard = Path(url, "shard-000004.tar")
+    buf = io.BytesIO()
+    with tarfile.open(shard) as src, tarfile.open(fileobj=buf, mode="w") as dst:
+        for info in src.getmembers():
+            raw = src.extractfile(info).read()
+            if info.name == "000000095.png":
+                raw, info.size = b"not a png" * 10, 90
+            dst.addfile(info, io.BytesIO(raw))
+    shard.write_bytes(buf.getvalue())
+    kw = dict(global_batch=G, rank=0, world=1, grad_accum=2, seed=4, num_workers=num_workers)
+    here, later = ShardLoader(url, **kw), ShardLoader(url, defer_flip=True, **kw)
+    flips = []
+    for _ in range(19):  # more than an epoch
+        for a, b in zip(here.next_step(), later.next_step()):
+            assert a["key"] == b["key"] and b["flip"].dtype == torch.bool and b["flip"].shape == (len(b["key"]),)
+            torch.testing.assert_close(data.normalize(b["image"], b["flip"]), data.normalize(a["image"]),
+                                       rtol=0, atol=0)
+            assert torch.equal(a["image"][~b["flip"]], b["image"][~b["flip"]])
+            flips += b["flip"].tolist()
+            assert "flip" not in a
+    assert 0.3 < sum(flips) / len(flips) < 0.7
+    assert later.stats()["corrupt_samples"] >= 1 and later.stats()["missing_shards"] >= 1
+    here.close()
+    later.close()
 
 
 def test_missing_shard_is_reported_and_skipped(synth, tmp_path):

@@ -36,12 +36,14 @@ so num_workers never changes the result.
 READING. A shard is fetched whole into memory with one ranged GET (no HEAD: its size is in the manifest) by
 a background thread of its worker; each stream has its next shard (or shuffle block) in flight while it
 decodes the current one, and shards shared by neighbouring streams are fetched once (a small per-worker
-cache of recent shards). Each worker decodes into a small ring of uint8 batch buffers in shared memory; only
-the keys and counters of a step travel through a pipe, and the main process copies the batch out once. Images
-stay in the decoders' HWC layout all the way (a batch is channels_last); `normalize` makes them contiguous
-on the device. The workers are plain processes (no torch DataLoader): the ring's free-slot semaphore is the
-flow control (a worker runs at most 4 steps ahead), a worker's exception is re-raised by next_step(), and a
-dead worker is a DataError within a second, never a hang.
+cache of recent shards). The workers copy each decoded image (one memcpy) into a few uint8 step batches
+("slots") in shared memory, each worker into its rows; only the keys and counters of a step travel through a pipe, and
+next_step hands the slot out in place (no copy in the main process). A slot is written again only once no
+tensor of the caller's uses it; the main process names each step's slot to the workers, which is the whole
+flow control (a worker runs up to 5 steps ahead). Images stay in the decoders' HWC layout all the way (a
+batch is channels_last); `normalize` makes them contiguous on the device, and with defer_flip mirrors the
+flipped samples there too. The workers are plain processes (no torch DataLoader): a worker's exception is
+re-raised by next_step(), and a dead worker is a DataError within a second, never a hang.
 
 RESUME. The state is {step, global_batch, streams, seed, total samples, ...}; restarting fast-forwards each
 stream arithmetically from the manifest counts (no shard before the position is read), then skips inside
@@ -82,7 +84,8 @@ from waveforge.data.shards import dataset_root, manifest_url, read_manifest
 from waveforge.data.workers import worker_context
 
 MAX_STREAMS = MAX_DATA_STREAMS
-_RING_SLOTS = 4  # step batches per worker's shared-memory ring: how far a worker may run ahead
+_RING_SLOTS = 6  # step batches in the workers' shared memory (handed out, or being written ahead)
+_AHEAD_MIN = 2  # a slot is lent to the caller only while this many others stay named for the workers
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 STATE_FORMAT = "waveforge-loader/1"
 
@@ -395,10 +398,11 @@ class StreamReader:
 
     def __init__(self, manifest: dict[str, Any], root: str, plan: Plan, streams: list[int], per_stream: int,
                  start_step: int, *, hflip: bool, on_error: str, retries: int, scfg: StorageConfig | None,
-                 cache_dir: str):
+                 cache_dir: str, defer_flip: bool = False):
         self.manifest, self.root, self.plan = manifest, root, plan
         self.streams, self.per_stream, self.start_step = list(streams), per_stream, start_step
         self.hflip, self.on_error, self.retries, self.scfg, self.cache_dir = hflip, on_error, retries, scfg, cache_dir
+        self.defer_flip = defer_flip  # hand out flip bits with unflipped images instead of mirroring them here
         self.resolution = int(manifest["resolution"])
         self.names = [s["name"] for s in manifest["shards"]]
         self.sizes = [int(s["bytes"]) for s in manifest["shards"]]
@@ -486,13 +490,17 @@ class StreamReader:
 
     # ---- sample selection with substitution ----
 
+    def _flip(self, e: int, shard: int, t: int) -> bool:
+        """Whether tar index t of `shard` is mirrored in epoch e: decided per (seed, epoch, shard, sample),
+        never by RNG state, so it replays exactly."""
+        return self.hflip and bool(self._perm(e, shard)[1][t])
+
     def _decoded(self, sh: _Shard, t: int, e: int, shard: int) -> torch.Tensor | None:
-        """(R,R,3) uint8 image of tar index t, or None when it does not decode (remembered)."""
+        """(R,R,3) uint8 image of tar index t (mirrored unless deferred), or None when it does not decode
+        (remembered)."""
         if t in sh.bad or sh.samples is None or t >= len(sh.samples):
             return None
-        # The flip is decided per (seed, epoch, shard, sample), never by RNG state: it replays exactly.
-        flip = self.hflip and bool(self._perm(e, shard)[1][t])
-        img = decode_hwc(sh.samples[t], self.resolution, flip)
+        img = decode_hwc(sh.samples[t], self.resolution, self._flip(e, shard, t) and not self.defer_flip)
         if img is None:
             sh.bad.add(t)
         return img
@@ -523,8 +531,10 @@ class StreamReader:
                     raise DataError(f"corrupt or missing sample {key} in a shard (on_error=fail)")
         return None
 
-    def _sample(self, e: int, i: int, shard: int, j: int, shards: dict[int, _Shard]) -> tuple[str, torch.Tensor]:
-        """Key and image for sample j (in-shard permuted order) of `shard`, slot i of epoch e's shard order."""
+    def _sample(self, e: int, i: int, shard: int, j: int,
+                shards: dict[int, _Shard]) -> tuple[str, torch.Tensor, bool]:
+        """Key, image and flip bit for sample j (in-shard permuted order) of `shard`, slot i of epoch e's shard
+        order."""
         sh = shards[shard]
         pick = self._pick(sh, e, shard, j) if sh.samples is not None else None
         src = shard
@@ -548,9 +558,9 @@ class StreamReader:
             assert pick is not None
             sh = shards[src]
         t, img = pick
-        return sh.samples[t]["__key__"], img
+        return sh.samples[t]["__key__"], img, self._flip(e, src, t)
 
-    def _stream(self, s: int) -> Iterator[tuple[str, torch.Tensor]]:
+    def _stream(self, s: int) -> Iterator[tuple[str, torch.Tensor, bool]]:
         p0 = self.start_step * self.per_stream
         blocks = self.plan.blocks(s, p0)
         pending: collections.deque = collections.deque()
@@ -579,44 +589,47 @@ class StreamReader:
                 ts = perm[j0:j1]
                 refs += zip(itertools.repeat(i), itertools.repeat(shard), range(j0, j1), ts.tolist(),
                             (flips[ts] & self.hflip).tolist())
-            res = self.resolution
+            res, defer = self.resolution, self.defer_flip
             for k in order[skip:].tolist():
                 i, shard, j, t, flip = refs[k]
                 sh = shards[shard]
                 if sh.samples is not None and t < len(sh.samples) and t not in sh.bad:  # the common case
                     sample = sh.samples[t]
-                    img = decode_hwc(sample, res, flip)
+                    img = decode_hwc(sample, res, flip and not defer)
                     if img is not None:
-                        yield sample["__key__"], img
+                        yield sample["__key__"], img, flip
                         continue
                     sh.bad.add(t)
                 yield self._sample(e, i, shard, j, shards)  # corrupt or missing: counted and substituted
 
     def steps(self, ring: _Ring | None = None) -> Iterator[dict[str, Any]]:
-        """Per step: {"key": [...], "stats": {...}} and the step's uint8 images (len(streams)*G/S,R,R,3),
+        """Per step: {"key": [...], "stats": {...}} (with defer_flip also "flip": [bool, ...]) and the step's
+        uint8 images (len(streams)*G/S,R,R,3),
         channels last: without `ring` a new numpy array under "image"; with a ring (a worker process) written
-        into its next free slot, whose number goes under "slot"."""
+        into this worker's rows of the slot the main process named for the step, whose number goes under
+        "slot"."""
         self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-read")
         try:
             iters = [self._stream(s) for s in self.streams]
             n, res = len(self.streams) * self.per_stream, self.resolution
-            for j in itertools.count():
+            while True:
                 # Decoded images are copied (one memcpy each: both are HWC) into a uint8 batch: from a
                 # worker, into shared memory, so that only the keys and counters travel through the pipe.
-                if ring is None:
-                    out = np.empty((n, res, res, 3), dtype=np.uint8)
-                else:
-                    out = ring.acquire(j)
+                out = np.empty((n, res, res, 3), dtype=np.uint8) if ring is None else ring.acquire()
                 keys: list[str] = []
+                flips: list[bool] = []
                 for it in iters:
                     for _ in range(self.per_stream):
-                        key, img = next(it)
+                        key, img, flip = next(it)
                         np.copyto(out[len(keys)], img.numpy())
                         keys.append(key)
+                        flips.append(flip)
                 with self._lock:
                     stats = dict(self.stats)
                 step = {"key": keys, "stats": stats}
-                yield {**step, "image": out} if ring is None else {**step, "slot": j % ring.slots}
+                if self.defer_flip:
+                    step["flip"] = flips
+                yield {**step, "image": out} if ring is None else {**step, "slot": ring.slot}
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -626,31 +639,32 @@ class _Stopped(Exception):
 
 
 class _Ring:
-    """A worker's output buffers in shared memory: `slots` step batches, written in turn.
+    """Step batches in shared memory that the workers write in place and next_step hands out without a copy.
 
-    The worker writes step j into slot j % slots after acquire(j), which waits until the main process has
-    released the slot's previous content (release() after copying a step out). A semaphore counts the free
-    slots: it is the whole flow control between a worker and the main process (a worker runs at most `slots`
-    steps ahead), and a slow consumer can never have a batch overwritten under it.
+    `slots` whole (rows,R,R,3) batches; worker w owns rows [lo,hi) of each. Before it writes a step, a worker
+    waits (acquire) for the main process to name, through the worker's `todo` pipe, the slot that step goes
+    to; the main process names a slot only while no tensor of the caller's uses it (see ShardLoader._reclaim).
+    So the named slots are the whole flow control (a worker runs as many steps ahead as slots are named) and a
+    batch the caller keeps is never written under it.
     """
 
-    def __init__(self, ctx: Any, slots: int, shape: tuple[int, ...]):
-        self.slots = slots
-        self.buf = torch.empty((slots, *shape), dtype=torch.uint8).share_memory_()
-        self.free = ctx.Semaphore(slots)
-        self.stop = ctx.Event()
+    def __init__(self, buf: torch.Tensor, lo: int, hi: int, todo: Any, stop: Any):
+        self.buf, self.lo, self.hi, self.todo, self.stop = buf, lo, hi, todo, stop
+        self.slot = -1  # the slot of the step being written
         self._ppid: int | None = None
 
-    def acquire(self, j: int) -> np.ndarray:
+    def acquire(self) -> np.ndarray:
+        """This worker's rows of the slot named for its next step (waits for the name)."""
         if self._ppid is None:
             self._ppid = os.getppid()
-        while not self.free.acquire(timeout=0.5):
+        while not self.todo.poll(0.5):
             if self.stop.is_set() or os.getppid() != self._ppid:  # closed, or the main process died
                 raise _Stopped
-        return self.buf[j % self.slots].numpy()
-
-    def release(self) -> None:
-        self.free.release()
+        try:
+            self.slot = int(self.todo.recv())
+        except EOFError:  # the main process closed the pipe: the loader is closing
+            raise _Stopped from None
+        return self.buf[self.slot, self.lo:self.hi].numpy()
 
 
 def _worker_main(make_reader: Any, streams: list[int], ring: _Ring, conn: Any) -> None:
@@ -681,14 +695,27 @@ def _worker_main(make_reader: Any, streams: list[int], ring: _Ring, conn: Any) -
 
 
 class _Worker:
-    """One worker process of a ShardLoader, its ring and the pipe its step messages arrive through."""
+    """One worker process of a ShardLoader: the pipe its step messages arrive through (conn) and the one its
+    slots are named through (todo)."""
 
-    def __init__(self, ctx: Any, make_reader: Any, streams: list[int], ring: _Ring, name: str):
-        self.ring = ring
+    def __init__(self, ctx: Any, make_reader: Any, streams: list[int], buf: torch.Tensor, rows: tuple[int, int],
+                 stop: Any, name: str):
+        self.stop_event = stop
         self.conn, send = ctx.Pipe(duplex=False)
+        todo, self.todo = ctx.Pipe(duplex=False)
+        ring = _Ring(buf, *rows, todo, stop)
         self.proc = ctx.Process(target=_worker_main, args=(make_reader, streams, ring, send), name=name, daemon=True)
         self.proc.start()
         send.close()  # the child holds the write end: end-of-file here when it exits
+        todo.close()  # and the read end of todo
+
+    def name(self, slot: int) -> None:
+        """Tell the worker that its next unnamed step goes to `slot`. A dead worker's broken pipe is left
+        to recv(), which reports the death."""
+        try:
+            self.todo.send(slot)
+        except OSError:
+            pass
 
     def recv(self) -> dict[str, Any]:
         """The worker's next step message; a worker's exception is re-raised here, a dead worker is an error
@@ -710,7 +737,8 @@ class _Worker:
 
     def stop(self) -> None:
         """Ask the worker to exit (it stops at its next step or slot wait), then make sure it did."""
-        self.ring.stop.set()
+        self.stop_event.set()
+        self.todo.close()  # a worker waiting for a slot name sees end-of-file
         self.proc.join(5)
         if self.proc.is_alive():
             self.proc.terminate()
@@ -738,12 +766,17 @@ class ShardLoader:
     With num_workers > 0 the worker processes start at construction and again at load_state_dict (each
     prefetching two steps), so their start-up (importing torch in the forkserver, the first shard reads)
     runs while the trainer builds its models instead of stalling the first step.
+
+    defer_flip (with hflip): the images come unflipped and each micro-batch carries "flip", a bool (b,)
+    tensor of the samples to mirror: `normalize(mb["image"].to(device), mb["flip"])` mirrors them there. The
+    trainer asks for it on a GPU, where the mirror is free; on the loader's CPUs it costs ~5% of the decode.
+    The normalized batches are exactly those of the default (mirrored in the loader).
     """
 
     def __init__(self, url: str, *, global_batch: int, rank: int, world: int, grad_accum: int = 1, seed: int = 0,
                  hflip: bool = True, num_workers: int = 0, cache_dir: str = "", on_error: str = "skip",
                  retries: int = 5, storage: StorageConfig | None = None, resolution: int | None = None,
-                 shuffle_window: int = 0):
+                 shuffle_window: int = 0, defer_flip: bool = False):
         if global_batch < 1 or world < 1 or not 0 <= rank < world or grad_accum < 1:
             raise ConfigError(f"bad loader geometry: global_batch={global_batch}, rank={rank}, world={world}, "
                               f"grad_accum={grad_accum}")
@@ -761,6 +794,7 @@ class ShardLoader:
         self.url, self.root = manifest_url(url), dataset_root(manifest_url(url))
         self.global_batch, self.rank, self.world, self.grad_accum = global_batch, rank, world, grad_accum
         self.seed, self.hflip, self.on_error, self.retries = seed, hflip, on_error, retries
+        self.defer_flip = hflip and defer_flip
         self.cache_dir, self.scfg, self.shuffle_window = cache_dir, storage, max(0, shuffle_window)
         register_gopen(storage)
         try:
@@ -784,7 +818,9 @@ class ShardLoader:
         self._it: Iterator[dict[str, Any]] | None = None  # num_workers=0: the steps of an in-process reader
         self._workers: list[_Worker] = []
         self._worker_stats: dict[int, dict[str, int]] = {}
-        self._buffers: list[np.ndarray] = []  # batch arrays of earlier steps, reused once nothing uses them
+        self._slots: list[np.ndarray] = []  # the workers' shared batch slots (one numpy array each)
+        self._named: collections.deque[int] = collections.deque()  # slots named for the next steps, in order
+        self._lent: list[int] = []  # slots handed out: named again once no tensor of the caller's uses them
         self._starting: tuple[threading.Thread, dict[str, Any]] | None = None
         if self.num_workers:
             self._start()  # worker start-up and the first shards overlap whatever the caller does next
@@ -795,7 +831,7 @@ class ShardLoader:
         """StreamReader(streams) with everything else bound (picklable: sent to the worker processes)."""
         return functools.partial(_make_reader, self.manifest, self.root, self.plan, self.per_stream, self._step,
                                  hflip=self.hflip, on_error=self.on_error, retries=self.retries, scfg=self.scfg,
-                                 cache_dir=self.cache_dir)
+                                 cache_dir=self.cache_dir, defer_flip=self.defer_flip)
 
     def _start(self) -> None:
         """(Re)start the pipeline at self._step. Worker processes are started by a background thread (their
@@ -807,13 +843,23 @@ class ShardLoader:
         ctx = worker_context()
         res, nw, make_reader = self.resolution, self.num_workers, self._reader_factory()
         runs = [worker_streams(self.my_streams, nw, w) for w in range(nw)]
-        rings = [_Ring(ctx, _RING_SLOTS, (len(run) * self.per_stream, res, res, 3)) for run in runs]
+        rows = len(self.my_streams) * self.per_stream
+        buf = torch.empty((_RING_SLOTS, rows, res, res, 3), dtype=torch.uint8).share_memory_()
+        self._slots = [buf[b].numpy() for b in range(_RING_SLOTS)]
+        self._named, self._lent = collections.deque(range(_RING_SLOTS)), []
+        stop = ctx.Event()
         box: dict[str, Any] = {"workers": []}
 
         def start() -> None:
             try:
-                for w, (run, ring) in enumerate(zip(runs, rings)):
-                    box["workers"].append(_Worker(ctx, make_reader, run, ring, f"loader-r{self.rank}-w{w}"))
+                lo = 0
+                for w, run in enumerate(runs):
+                    hi = lo + len(run) * self.per_stream
+                    worker = _Worker(ctx, make_reader, run, buf, (lo, hi), stop, f"loader-r{self.rank}-w{w}")
+                    box["workers"].append(worker)
+                    for b in range(_RING_SLOTS):
+                        worker.name(b)
+                    lo = hi
             except BaseException as e:  # noqa: BLE001 - re-raised by the next next_step()
                 box["error"] = e
 
@@ -834,46 +880,71 @@ class ShardLoader:
         """The rank's share of the next global batch as grad_accum micro-batches: image uint8 (b,3,R,R) (4x
         fewer bytes to move to the GPU than floats; `normalize` it there) and key. The images are in
         channels_last memory (a (b,R,R,3) array seen as (b,3,R,R): the decoders' own layout, so no sample is
-        transposed on the CPU); `normalize` returns them contiguous."""
+        transposed on the CPU); `normalize` returns them contiguous. With defer_flip also "flip" (see the class).
+
+        The batch is handed out in place, in the workers' shared memory: it stays valid as long as the caller
+        holds a reference to it (or to a view of it); its memory is written again only once it holds none."""
         if self._it is None and self._starting is None and not self._workers:
             self._start()
         self._join_start()
         if self._it is not None:  # num_workers=0: read in this process, into a new array per step
             part = next(self._it)
             self._worker_stats[0] = part["stats"]
-            images, keys = torch.from_numpy(part["image"]), part["key"]
+            images, keys, flips = torch.from_numpy(part["image"]), part["key"], part.get("flip")
         else:
-            images, keys = torch.from_numpy(self._batch_buffer()), []
-        out = images.numpy()
-        for w, worker in enumerate(self._workers):  # in order: worker w's streams follow worker w-1's
-            part = worker.recv()
-            self._worker_stats[w] = part["stats"]
-            lo = len(keys)
-            keys += part["key"]
-            # numpy's copy is one memcpy in this thread; torch's copy_ would run on the intra-op thread pool,
-            # whose threads then spin-wait for more work on the cores the workers decode on (at 256 px
-            # 3x the main process's CPU per sample with 2 threads).
-            np.copyto(out[lo:len(keys)], worker.ring.buf[part["slot"]].numpy())
-            worker.ring.release()
+            images, keys, flips = self._collect()
         self._step += 1
         b, images = self.micro, images.permute(0, 3, 1, 2)  # (rows, 3, R, R) view, channels_last strides
-        return [{"image": images[m * b:(m + 1) * b], "key": keys[m * b:(m + 1) * b]} for m in range(self.grad_accum)]
+        out = [{"image": images[m * b:(m + 1) * b], "key": keys[m * b:(m + 1) * b]} for m in range(self.grad_accum)]
+        if flips is not None:
+            flip = torch.tensor(flips, dtype=torch.bool)
+            for m, mb in enumerate(out):
+                mb["flip"] = flip[m * b:(m + 1) * b]
+        return out
 
-    def _batch_buffer(self) -> np.ndarray:
-        """A (rows,R,R,3) uint8 array for the next step's images: an earlier step's array once no tensor uses
-        it any more, else a new one (pooled up to 3). A tensor of torch.from_numpy holds a reference to its
-        array until the last tensor or view sharing its memory is gone, so an array whose only references
-        are this pool's own is free: a batch the caller keeps is never overwritten, and the common case (the
-        trainer drops each batch after the step) reuses memory that is already mapped and in cache instead
-        of faulting in a new ~12 MiB at 256 px every step."""
-        for a in self._buffers:
-            if sys.getrefcount(a) <= 3:  # the list, `a`, getrefcount's argument
-                return a
-        res, rows = self.resolution, len(self.my_streams) * self.per_stream
-        a = np.empty((rows, res, res, 3), dtype=np.uint8)
-        if len(self._buffers) < 3:
-            self._buffers.append(a)
-        return a
+    def _collect(self) -> tuple[torch.Tensor, list[str], list[bool] | None]:
+        """The next step's images (rows,R,R,3) and keys from the workers: each wrote its rows of the step's
+        slot in shared memory, so the images are handed out in place, without a copy (a lent slot).
+
+        A tensor of torch.from_numpy holds a reference to its array until the last tensor or view sharing
+        its memory is gone: a slot whose array has no other references than the loader's own is free and is
+        named for a later step (_reclaim). A batch the caller keeps is therefore never written under it. If
+        the caller keeps so many that fewer than _AHEAD_MIN slots would remain for the workers, the step is
+        handed out as a copy instead and its slot goes straight back to them: keeping batches costs memory
+        copies, never a stall.
+        """
+        self._reclaim()
+        slot = self._named.popleft()
+        keys: list[str] = []
+        flips: list[bool] | None = [] if self.defer_flip else None
+        for w, worker in enumerate(self._workers):  # in order: worker w's streams follow worker w-1's
+            part = worker.recv()
+            if part["slot"] != slot:
+                raise RuntimeError(f"data loader worker {w} wrote slot {part['slot']}, expected {slot}")
+            self._worker_stats[w] = part["stats"]
+            keys += part["key"]
+            if flips is not None:
+                flips += part["flip"]
+        if len(self._named) >= _AHEAD_MIN:
+            self._lent.append(slot)
+            return torch.from_numpy(self._slots[slot]), keys, flips
+        # numpy's copy is one memcpy in this thread; torch's copy_ would run on the intra-op thread pool,
+        # whose threads then spin-wait on the cores the workers decode on.
+        images = torch.from_numpy(self._slots[slot].copy())
+        self._name(slot)
+        return images, keys, flips
+
+    def _reclaim(self) -> None:
+        """Name again, for the next steps, the lent slots no tensor of the caller's uses any more."""
+        for slot in list(self._lent):
+            if sys.getrefcount(self._slots[slot]) <= 2:  # the list's reference and getrefcount's argument
+                self._lent.remove(slot)
+                self._name(slot)
+
+    def _name(self, slot: int) -> None:
+        self._named.append(slot)
+        for worker in self._workers:
+            worker.name(slot)
 
     # ---- state ----
 
@@ -921,8 +992,9 @@ class ShardLoader:
             self._starting[0].join()
             self._workers, self._starting = self._starting[1]["workers"], None
         workers, self._workers, it, self._it = self._workers, [], self._it, None
-        for w in workers:
-            w.ring.stop.set()  # all at once, then wait for each
+        self._slots, self._named, self._lent = [], collections.deque(), []  # lent batches stay valid: no
+        for w in workers:  # worker writes to these slots again
+            w.stop_event.set()  # all at once, then wait for each
         for w in workers:
             w.stop()
         if it is not None and hasattr(it, "close"):
@@ -935,9 +1007,12 @@ class ShardLoader:
             pass
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (as the loader yields them, any memory layout) -> contiguous float32 in [-1, 1]:
-    x / 127.5 - 1."""
+def normalize(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 images (b,3,R,R) (as the loader yields them, any memory layout) -> contiguous float32 in [-1, 1]:
+    x / 127.5 - 1, mirrored left-right where the bool tensor `flip` (b,) is set (a deferred_flip loader's
+    "flip": on a GPU the mirror costs nothing, on the loader's CPUs ~5% of the decode)."""
+    if flip is not None:
+        images = torch.where(flip.to(images.device, non_blocking=True).view(-1, 1, 1, 1), images.flip(3), images)
     return images.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
 
 
@@ -946,13 +1021,14 @@ def _make_reader(manifest: dict[str, Any], root: str, plan: Plan, per_stream: in
     return StreamReader(manifest, root, plan, streams, per_stream, start_step, **kw)
 
 
-def from_config(cfg: Any, rank: int, world: int, grad_accum: int) -> ShardLoader:
-    """The training loader of recipe `cfg` (data.url must hold a dataset: see ensure_dataset)."""
+def from_config(cfg: Any, rank: int, world: int, grad_accum: int, defer_flip: bool = False) -> ShardLoader:
+    """The training loader of recipe `cfg` (data.url must hold a dataset: see ensure_dataset); defer_flip:
+    the caller mirrors the images (`normalize(image, flip)`), e.g. on its GPU."""
     d = cfg.data
     return ShardLoader(d.url, global_batch=cfg.train.batch_size, rank=rank, world=world, grad_accum=grad_accum,
                        seed=cfg.run.seed, hflip=d.hflip, num_workers=d.num_workers, cache_dir=d.cache_dir,
                        on_error=d.on_error, retries=d.retries, storage=cfg.storage,
-                       resolution=cfg.model.resolution, shuffle_window=d.shuffle_buffer)
+                       resolution=cfg.model.resolution, shuffle_window=d.shuffle_buffer, defer_flip=defer_flip)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,10 +37,10 @@ READING. A shard is fetched whole into memory with one ranged GET (no HEAD: its 
 a background thread of its worker; each stream has its next shard (or shuffle block) in flight while it
 decodes the current one, and shards shared by neighbouring streams are fetched once (a small per-worker
 cache of recent shards). The workers copy each decoded image (one memcpy) into a few uint8 step batches
-("slots") in shared memory, each worker into its rows; only the keys and counters of a step travel through a pipe, and
-next_step hands the slot out in place (no copy in the main process). A slot is written again only once no
-tensor of the caller's uses it; the main process names each step's slot to the workers, which is the whole
-flow control (a worker runs up to 5 steps ahead). Images stay in the decoders' HWC layout all the way (a
+("slots") in shared memory, each worker into its rows; only the keys and counters of a step travel through
+a pipe, and next_step hands the slot out in place (no copy in the main process). A slot is written again
+only once no tensor of the caller's uses it; the main process names each step's slot to the workers, which
+is the whole flow control (a worker runs up to 5 steps ahead). Images stay in the decoders' HWC layout all the way (a
 batch is channels_last); `normalize` makes them contiguous on the device, and with defer_flip mirrors the
 flipped samples there too. The workers are plain processes (no torch DataLoader): a worker's exception is
 re-raised by next_step(), and a dead worker is a DataError within a second, never a hang.
@@ -604,10 +604,9 @@ class StreamReader:
 
     def steps(self, ring: _Ring | None = None) -> Iterator[dict[str, Any]]:
         """Per step: {"key": [...], "stats": {...}} (with defer_flip also "flip": [bool, ...]) and the step's
-        uint8 images (len(streams)*G/S,R,R,3),
-        channels last: without `ring` a new numpy array under "image"; with a ring (a worker process) written
-        into this worker's rows of the slot the main process named for the step, whose number goes under
-        "slot"."""
+        uint8 images (len(streams)*G/S,R,R,3), channels last: without `ring` a new numpy array under "image";
+        with a ring (a worker process) written into this worker's rows of the slot the main process named for
+        the step, whose number goes under "slot"."""
         self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-read")
         try:
             iters = [self._stream(s) for s in self.streams]

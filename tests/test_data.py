@@ -427,18 +427,23 @@ def _copy_dataset(src: str, dst: Path) -> str:
     return str(dst)
 
 
+def _garble(url: str, shard: str, member: str) -> None:
+    """Replace one member of a shard by bytes that are not an image (the tar itself stays valid)."""
+    path = Path(url, shard)
+    buf = io.BytesIO()
+    with tarfile.open(path) as src, tarfile.open(fileobj=buf, mode="w") as dst:
+        for info in src.getmembers():
+            raw = src.extractfile(info).read()
+            if info.name == member:
+                raw = b"not a png" * 10
+                info.size = len(raw)
+            dst.addfile(info, io.BytesIO(raw))
+    path.write_bytes(buf.getvalue())
+
+
 def test_corrupt_sample_is_replaced_and_counted(synth, tmp_path):
     url = _copy_dataset(synth, tmp_path / "c")
-    shard = Path(url, "shard-000004.tar")
-    buf = io.BytesIO()
-    with tarfile.open(shard) as src, tarfile.open(fileobj=buf, mode="w") as dst:
-        for info in src.getmembers():
-            data = src.extractfile(info).read()
-            if info.name == "000000095.png":
-                data = b"not a png" * 10
-                info.size = len(data)
-            dst.addfile(info, io.BytesIO(data))
-    shard.write_bytes(buf.getvalue())
+    _garble(url, "shard-000004.tar", "000000095.png")
     batches, _ = run_keys(url, 1, 19)
     flat = [k for b in batches for k in b]
     assert "000000095" not in flat[: (N // G) * G] and len(flat) == 19 * G
@@ -459,15 +464,7 @@ def test_deferred_flip_gives_the_same_normalized_batches(synth, tmp_path, num_wo
     missing shard's samples."""
     url = _copy_dataset(synth, tmp_path / "d")
     Path(url, "shard-000007.tar").unlink()
-    shard = Path(url, "shard-000004.tar")
-    buf = io.BytesIO()
-    with tarfile.open(shard) as src, tarfile.open(fileobj=buf, mode="w") as dst:
-        for info in src.getmembers():
-            raw = src.extractfile(info).read()
-            if info.name == "000000095.png":
-                raw, info.size = b"not a png" * 10, 90
-            dst.addfile(info, io.BytesIO(raw))
-    shard.write_bytes(buf.getvalue())
+    _garble(url, "shard-000004.tar", "000000095.png")
     kw = dict(global_batch=G, rank=0, world=1, grad_accum=2, seed=4, num_workers=num_workers)
     here, later = ShardLoader(url, **kw), ShardLoader(url, defer_flip=True, **kw)
     flips = []

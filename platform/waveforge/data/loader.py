@@ -762,8 +762,8 @@ def worker_streams(streams: list[int], num_workers: int, w: int) -> list[int]:
 class ShardLoader:
     """This rank's share of every global batch, split into grad_accum micro-batches (see module docstring).
 
-    With num_workers > 0 the worker processes start at construction and again at load_state_dict (each
-    prefetching two steps), so their start-up (importing torch in the forkserver, the first shard reads)
+    With num_workers > 0 the worker processes start at construction and again at load_state_dict (and run
+    up to 5 steps ahead), so their start-up (importing torch in the forkserver, the first shard reads)
     runs while the trainer builds its models instead of stalling the first step.
 
     defer_flip (with hflip): the images come unflipped and each micro-batch carries "flip", a bool (b,)

@@ -286,4 +286,16 @@ def submit(cfg: Any, job: str = "train", job_args: dict[str, Any] | None = None)
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeue)
         executor.update_parameters(nodes=1, tasks_per_node=config.world_size(cfg),
                                    timeout_min=config.time_limit_minutes(cfg.cluster.time))
+        # The local tasks inherit this process's environment. Without MASTER_PORT, submitit derives the port
+        # from the job id (a pid here) without checking it: a port some other socket holds fails rank 0's
+        # rendezvous with EADDRINUSE. A port free now is taken by rank 0 seconds later.
+        previous = os.environ.get("MASTER_PORT")
+        os.environ["MASTER_PORT"] = str(_free_port())
+        try:
+            return executor.submit(Task(cfg, job, job_args))
+        finally:
+            if previous is None:
+                del os.environ["MASTER_PORT"]
+            else:
+                os.environ["MASTER_PORT"] = previous
     return executor.submit(Task(cfg, job, job_args))

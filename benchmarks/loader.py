@@ -9,14 +9,17 @@ measured in interleaved rounds (in-memory, local, S3, in-memory, local, S3, ...)
 compare runs under the same machine load; the summary gives per-source medians and the median of the
 per-round ratios. Every loader run is a fresh ShardLoader with its own seed (a new shard order: nothing
 is served from an earlier run's cache), timed after three warm-up steps. Target: S3 >= 80% of in-memory.
-Keys: resolution=64 num_samples=8192 samples_per_shard=256 (or 0 and shard_mb=8) world=8 batch=64 workers=2
-steps=100 rounds=5 encoding=png bucket=waveforge-bench flip=device (as the trainer on a GPU: the loader hands
+Keys: resolution=256 num_samples=2048 samples_per_shard=256 (or 0 and shard_mb=8) world=8 batch=64 workers=2
+steps=120 rounds=8 encoding=png bucket=waveforge-bench flip=device (as the trainer on a GPU: the loader hands
 out flip bits and `normalize` mirrors there; flip=loader: the workers mirror). The defaults are one rank of
-an 8-rank job: 8 of the 64 streams, 8 samples per stream and step, ~1 MiB shards. The loader keeps each
-stream's current and next shard in memory (a burst of reads at start-up), so a timed run measures streaming
-only when it is long against a shard per stream: the defaults read about as many bytes during the timed
-steps as they decode (column "read/used"); world=1 (all 64 streams in one rank) needs far more steps and
-data to get there.
+an 8-rank job at the platform's smallest training resolution: 8 of the 64 streams, 8 samples per stream
+and step, ~3.6 MiB shards. The loader keeps each stream's current and next shard in memory (a burst of
+reads at start-up), so a timed run measures streaming only when it is long against a shard per stream: the
+defaults read about as many bytes during the timed steps as they decode (column "read/used"); world=1 (all
+64 streams in one rank) needs far more steps and data to get there. Single rounds on a 2-core VM scatter
+by +-15 points, hence 8 rounds of ~2 s runs. Small images (resolution=64 num_samples=8192 steps=300) are
+the worst case: a 64 px PNG decodes in ~65 us, so the loader's fixed per-sample costs (~20-25 us of Python,
+shard reading and hand-off, and a co-located S3 server's ~10 us) weigh 4-8x more than at 256 px.
 
 On a machine shared with other work the samples/s ratio is biased: the loader runs three processes (main
 and two workers), the in-memory decode two, and contended cores are shared per process, so the loader's
@@ -176,8 +179,8 @@ def bench_stream(o: dict[str, Any], tmp: Path, scfg: Any, server_pid: int | None
         print(f"{'round':>5}{'in-memory/s':>13}{'local/s':>9}{'S3/s':>7}{'local/mem':>11}{'S3/mem':>8}"
               f"{'per CPU-s: local/mem':>22}{'S3/mem':>8}{'S3 shards':>11}{'read/used':>11}{'S3 server':>11}"
               f"{'load':>6}", flush=True)
+        seconds = steps * batch / 3000  # the first round's guess at one loader run's length
         for r in range(int(o["rounds"])):
-            seconds = steps * batch / 3000  # about as long as one loader run
             mem = in_memory_rate(pool, workers, res, seconds)
             disk = loader_rate(local, world, batch, workers, steps, None, seed=r, server_pid=None, defer_flip=defer)
             remote = loader_rate(s3, world, batch, workers, steps, scfg, seed=r, server_pid=server_pid,
@@ -187,6 +190,7 @@ def bench_stream(o: dict[str, Any], tmp: Path, scfg: Any, server_pid: int | None
                    "cpu disk/mem": disk["per_cpu_s"] / mem["per_cpu_s"],
                    "cpu s3/mem": remote["per_cpu_s"] / mem["per_cpu_s"]}
             rows.append(row)
+            seconds = (disk["seconds"] + remote["seconds"]) / 2  # the next in-memory run as long as a loader run
             server = f"{remote['server_cpu_s'] / remote['seconds']:.0%} core" if server_pid else "-"
             print(f"{r:>5}{row['mem']:>13.0f}{row['disk']:>9.0f}{row['s3']:>7.0f}{row['disk/mem']:>11.2f}"
                   f"{row['s3/mem']:>8.2f}{row['cpu disk/mem']:>22.2f}{row['cpu s3/mem']:>8.2f}"
@@ -270,24 +274,24 @@ def main(argv: list[str]) -> None:
     from waveforge.config import StorageConfig
 
     keys = {"mode": "all (default), stream or trainer",
-            "resolution": "stream: image size (default 64)",
-            "num_samples": "stream: synthetic images (default 8192)",
+            "resolution": "stream: image size (default 256)",
+            "num_samples": "stream: synthetic images (default 2048)",
             "samples_per_shard": "stream: default 256 (0: shards of shard_mb MiB)",
             "shard_mb": "stream: shard size in MiB when samples_per_shard=0 (default 8)",
             "world": "stream: ranks of the simulated job; rank 0 is measured (default 8)",
             "batch": "stream: samples per step of the rank (default 64)",
             "workers": "stream: DataLoader workers (default 2)",
             "flip": "stream: device (default: the trainer on a GPU mirrors there) or loader (mirrored by the workers)",
-            "steps": "stream: timed steps per run (default 100)",
-            "rounds": "stream: interleaved rounds (default 5)",
+            "steps": "stream: timed steps per run (default 120)",
+            "rounds": "stream: interleaved rounds (default 8)",
             "encoding": "stream: png (default), jpg or webp",
             "bucket": "S3 bucket (default waveforge-bench)",
             "train_steps": "trainer: tiny steps (default 30)",
             "log_steps": "trainer: steps per logged interval (default 5)",
             "trainer_source": "trainer: local (default) or s3"}
     args = cli.parse(argv, "loader", __doc__, job_keys=keys, recipe=False)
-    o = {"mode": "all", "resolution": 64, "num_samples": 8192, "samples_per_shard": 256, "shard_mb": 8, "world": 8,
-         "batch": 64, "workers": 2, "steps": 100, "rounds": 5, "encoding": "png", "bucket": "waveforge-bench",
+    o = {"mode": "all", "resolution": 256, "num_samples": 2048, "samples_per_shard": 256, "shard_mb": 8, "world": 8,
+         "batch": 64, "workers": 2, "steps": 120, "rounds": 8, "encoding": "png", "bucket": "waveforge-bench",
          "flip": "device",
          "train_steps": 30, "log_steps": 5, "trainer_source": "local", **args.job}
     if o["mode"] not in ("all", "stream", "trainer"):

@@ -17,7 +17,7 @@ and step, ~3.6 MiB shards. The loader keeps each stream's current and next shard
 reads at start-up), so a timed run measures streaming only when it is long against a shard per stream: the
 defaults read about as many bytes during the timed steps as they decode (column "read/used"); world=1 (all
 64 streams in one rank) needs far more steps and data to get there. Single rounds on a 2-core VM scatter
-by +-15 points, hence 8 rounds of ~2 s runs. Small images (resolution=64 num_samples=8192 steps=300) are
+by +-15 points, hence 8 rounds of ~2 s runs. Small images (resolution=64 num_samples=8192 steps=100) are
 the worst case: a 64 px PNG decodes in ~65 us, so the loader's fixed per-sample costs (~20-25 us of Python,
 shard reading and hand-off, and a co-located S3 server's ~10 us) weigh 4-8x more than at 256 px.
 

@@ -589,6 +589,19 @@ def test_storage_options_from_recipe_or_environment(monkeypatch):
     assert (opts["key"], opts["secret"]) == ("k", "s") and storage.storage_options(None, "/tmp/x") == {}
 
 
+@pytest.mark.parametrize("url", ["file://rel/a.bin", "rel/a.bin", "file://~/a.bin", "file://{tmp}/abs/a.bin"])
+def test_local_urls_are_written_where_they_are_read(tmp_path, monkeypatch, url):
+    from waveforge import storage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    url = url.format(tmp=tmp_path)
+    storage.write_bytes(url, b"payload")
+    assert storage.read_bytes(url) == b"payload"  # written through local_path, read through fsspec
+    where = {"file://rel/a.bin": "rel/a.bin", "rel/a.bin": "rel/a.bin", "file://~/a.bin": "home/a.bin"}
+    assert (tmp_path / where.get(url, "abs/a.bin")).read_bytes() == b"payload"
+
+
 def test_unreachable_endpoint_is_a_clear_error():
     from waveforge import storage
     from waveforge.config import StorageConfig

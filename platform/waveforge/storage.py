@@ -50,9 +50,10 @@ def is_local(url: str) -> bool:
 
 
 def local_path(url: str) -> str:
-    """The filesystem path of a plain path or file:// URL."""
-    url = str(url)
-    return urlparse(url).path if url.startswith("file://") else url
+    """The filesystem path of a plain path or file:// URL, read as fsspec reads it (and as the checkpoint and
+    evaluation code do): everything after 'file://' is the path, relative to the working directory unless
+    it starts with '/', with '~' expanded. So `file://runs/x` is ./runs/x, not /x on host 'runs'."""
+    return os.path.expanduser(str(url).removeprefix("file://"))
 
 
 def join(url: str, *names: str) -> str:

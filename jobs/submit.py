@@ -13,7 +13,6 @@ from the run folder's latest checkpoint and continues the same MLflow run.
 """
 
 import sys
-import time
 
 from waveforge import cli
 
@@ -54,30 +53,11 @@ def main() -> None:
     print(f"submitted {job} job {handle.job_id} ({backend})\nrun folder: {run_dir}\n"
           f"logs: {logs}/{handle.job_id}_<task>_log.out (rank 0: {handle.paths.stdout})", flush=True)
     if backend == "local" or "--wait" in args.flags:
-        _follow(handle)
-
-
-def _follow(handle) -> None:  # noqa: ANN001
-    """Stream rank 0's log until the job ends; exit non-zero if it failed."""
-    pos = 0
-    while True:
-        done = handle.done()
-        path = handle.paths.stdout
-        if path.exists():
-            with open(path) as f:
-                f.seek(pos)
-                chunk = f.read()
-                pos = f.tell()
-            if chunk:
-                print(chunk, end="", flush=True)
-        if done:
-            break
-        time.sleep(2)
-    try:
-        handle.results()  # every task's result (raises if one failed)
-    except Exception as e:  # the job's own traceback is in its log
-        print(f"job {handle.job_id} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        raise SystemExit(1) from None
+        try:
+            launch.follow(handle)  # rank 0's log; a failed task cancels the rest at once
+        except launch.JobFailed as e:  # the job's own traceback is in the log named
+            print(str(e), file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

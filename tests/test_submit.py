@@ -34,6 +34,7 @@ def test_dry_run_ffhq1024_on_8_nodes(tmp_path: Path) -> None:
                  "#SBATCH --requeue", "#SBATCH --open-mode=append"):
         assert line in script, line
     assert "srun" in script and "submitit" in script
+    assert "--kill-on-bad-exit=1" in script.split("srun", 1)[1], "a failed rank must end the step"
     assert not (tmp_path / "run").exists(), "a dry run must write nothing"
 
 
@@ -53,6 +54,66 @@ def test_invalid_resources_exit_2_before_submitting(bad: str, message: str, tmp_
 
 
 # --------------------------------------------------------------------------------------------------
+# A failed task ends the whole job at once (no rank waits for it until the 30-minute timeout)
+# --------------------------------------------------------------------------------------------------
+
+
+def rank1_fails_early() -> str:
+    """A submitted job (imported by reference from this module) in which rank 1 fails before the rendezvous,
+    while rank 0 enters it and would wait there for rank 1 until the 30-minute timeout."""
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    if int(os.environ["RANK"]) == 1:
+        raise RuntimeError("rank 1 failed before the rendezvous")
+    launch.init_distributed("gloo")
+    launch.shutdown()
+    return "rendezvous passed"
+
+
+def test_a_failed_local_task_cancels_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    import submitit
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the tasks import this module
+    monkeypatch.setenv("MASTER_PORT", str(launch._free_port()))  # as launch.submit sets for local jobs
+    executor = submitit.LocalExecutor(folder=tmp_path / "logs")
+    executor.update_parameters(nodes=1, tasks_per_node=2, timeout_min=4)
+    job = executor.submit(rank1_fails_early)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(launch.JobFailed, match=r"task 1 failed: RuntimeError: rank 1 failed before the "
+                                                   r"rendezvous \(log: .*_1_log.out\)"):
+            launch.follow(job, poll_s=0.5, out=io.StringIO())
+        assert time.monotonic() - t0 < 120, "rank 0 was left waiting for the failed rank 1"
+        assert job.done(), "rank 0 still runs"
+    finally:
+        job.cancel(check=False)
+
+
+@pytest.mark.services
+def test_a_failed_slurm_task_ends_the_step(slurm_cluster, tmp_path: Path,  # noqa: ANN001
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import submitit
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    cfg = config.load("tiny", [f"run.dir={tmp_path / 'run'}", "cluster=slurm", "nodes=1", "tasks_per_node=2",
+                               "cpus_per_task=1", "time=10"])
+    executor = submitit.SlurmExecutor(folder=tmp_path / "logs")
+    executor.update_parameters(**launch.slurm_parameters(cfg))  # what launch.submit uses
+    job = executor.submit(rank1_fails_early)
+    try:
+        # (job.done() asks sacct, and this cluster keeps no accounting: the job has ended when squeue lost it)
+        _wait(lambda: not _in_queue(job.job_id), 180, "the job to end after rank 1 failed", job.job_id)
+        assert "rank 1 failed before the rendezvous" in str(job.task(1).exception())
+        assert launch.failed_task(job).startswith("task 1 failed: RuntimeError: rank 1 failed")
+        assert not job.task(0).paths.result_pickle.exists(), "rank 0 passed a rendezvous without rank 1"
+    finally:
+        subprocess.run(["scancel", job.job_id], capture_output=True, timeout=60)
+
+
+# --------------------------------------------------------------------------------------------------
 # Against the real Slurm cluster (two fake nodes) with shards in the real SeaweedFS
 # --------------------------------------------------------------------------------------------------
 
@@ -65,6 +126,11 @@ def _wait(predicate, timeout: float, what: str, job_id: str = "") -> None:  # no
         time.sleep(1)
     state = subprocess.run(["squeue", "-j", job_id], capture_output=True, text=True).stdout if job_id else ""
     raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{state}")
+
+
+def _in_queue(job_id: str) -> bool:
+    r = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, timeout=60)
+    return r.returncode == 0 and bool(r.stdout.strip())
 
 
 def _rows(run_dir: Path) -> list[dict]:

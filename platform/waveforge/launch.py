@@ -167,6 +167,10 @@ def slurm_parameters(cfg: Any, job: str = "train") -> dict[str, Any]:
         if getattr(c, key):
             params[key] = getattr(c, key)
     params["additional_parameters"] = {"requeue": True}
+    # A task that exits non-zero ends the whole step: otherwise the other ranks wait for it in the rendezvous
+    # or in their next collective until the 30-minute timeout, holding every GPU of the job. A stopped task
+    # exits non-zero only after the collective checkpoint, when the others have nothing left to do.
+    params["srun_args"] = ["--kill-on-bad-exit=1"]
     return params
 
 
@@ -241,6 +245,92 @@ class Task:
 
             return str(sampling.run_job(self.cfg, **self.job_args))
         raise ValueError(f"unknown job {self.job!r}: one of {', '.join(JOBS)}")
+
+
+class JobFailed(RuntimeError):
+    """A submitted job ended with a failed task (the message names it and quotes its error)."""
+
+
+def failed_task(handle: Any) -> str | None:
+    """A task of the submitit job `handle` that has already failed, as 'task I failed: <last line of its
+    error> (log: PATH)', or None. Read from the tasks' result files, which submitit writes (atomically) when a
+    task ends; a task still running, or one that ended without a result (stopped for a requeue), is not one."""
+    import pickle
+
+    tasks = [handle.task(i) for i in range(handle.num_tasks)] if handle.num_tasks > 1 else [handle]
+    for i, task in enumerate(tasks):
+        try:
+            with open(task.paths.result_pickle, "rb") as f:
+                outcome, payload = pickle.load(f)
+        except Exception:  # noqa: BLE001 - no result (yet), or a result this process cannot unpickle
+            continue
+        if outcome == "error":
+            lines = [x for x in str(payload).strip().splitlines() if x.strip()]
+            return f"task {i} failed: {lines[-1].strip() if lines else 'no traceback'} (log: {task.paths.stdout})"
+    return None
+
+
+def follow(handle: Any, poll_s: float = 2.0, out: Any = None) -> list[Any]:
+    """Stream rank 0's log of a submitit job to `out` (stdout) until the job ends; return every task's result.
+
+    When a task fails while others still run (a rank that died before the rendezvous or in rank-0-only work
+    leaves the others waiting for it until the 30-minute timeout), the job is cancelled at once and JobFailed
+    names the task. Under Slurm `--kill-on-bad-exit` already ends the step; this also covers local jobs."""
+    import sys
+    import time
+
+    out = out or sys.stdout
+    pos, failure, cancelled_at = 0, None, 0.0
+    while True:
+        done = handle.done()
+        path = handle.paths.stdout
+        if path.exists():
+            with open(path, errors="replace") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos = f.tell()
+            if chunk:
+                print(chunk, end="", file=out, flush=True)
+        if done:
+            break
+        if failure is None:
+            failure = failed_task(handle)
+            if failure is not None:
+                print(f"task {failure.split()[1]} failed: stopping the other tasks", file=out, flush=True)
+                _cancel(handle)
+                cancelled_at = time.monotonic()
+        elif time.monotonic() - cancelled_at > 60:
+            break  # cancelled a minute ago and still not reported done: report the failure anyway
+        time.sleep(poll_s)
+    failure = failed_task(handle) or failure
+    if failure is not None:
+        raise JobFailed(f"job {handle.job_id}: {failure}")
+    try:
+        return handle.results()
+    except Exception as e:  # a task ended without a result (killed, out of memory, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JobFailed(f"job {handle.job_id} failed: {first}") from None
+
+
+def _cancel(handle: Any) -> None:
+    """End a job whose task failed. A local job's tasks are killed directly: the submitit controller then sees
+    them exit and returns (cancelling the controller itself ends it with a KeyboardInterrupt traceback)."""
+    import psutil
+
+    controller = getattr(handle, "_process", None)  # a LocalJob's controller process (None under Slurm)
+    if controller is not None:
+        try:
+            tasks = psutil.Process(controller.pid).children()
+        except psutil.NoSuchProcess:
+            tasks = []
+        for task in tasks:
+            try:
+                task.kill()  # SIGKILL: SIGINT/SIGTERM only set the stop flag, which a rank in a rendezvous never reads
+            except psutil.NoSuchProcess:
+                pass
+        if tasks:
+            return
+    handle.cancel(check=False)
 
 
 def _requeue(cfg: Any) -> bool:

@@ -568,7 +568,7 @@ def _find_resume_rank0(run_dir: Path, resume: str, url: str, storage: StorageCon
         return local
     if _is_url(resume):
         return download(_resolve_remote(resume, storage), root, storage)
-    return _resolve_local(Path(resume.removeprefix("file://")).expanduser())
+    return _resolve_local(Path(wstorage.local_path(resume)))
 
 
 def find_resume(run_dir: Path, resume: str, url: str = "", storage: StorageConfig | None = None) -> Path | None:
@@ -708,7 +708,7 @@ def export(ckpt_or_run: str, out: Path | None = None, *, checkpoint: str = "",
             return _write_export(part, Path(out), source=url)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
-    path = Path(ckpt_or_run.removeprefix("file://")).expanduser()
+    path = Path(wstorage.local_path(ckpt_or_run))
     if checkpoint:
         base = path if path.name == "checkpoints" else ckpt_root(path)
         path = base / _pick_name(checkpoint)

@@ -649,7 +649,7 @@ def load_generator(source: str, storage: StorageConfig | None = None, device: to
     folder, error, tmp = "", "", ""
     if dist.rank() == 0:
         try:
-            local = Path(source.removeprefix("file://")).expanduser()
+            local = Path(wf_storage.local_path(source))
             if (local / GENERATOR_FILE).is_file():
                 folder = str(local)
             else:
@@ -711,7 +711,7 @@ def to_uint8(img: torch.Tensor) -> torch.Tensor:
 
 def local_folder(source: str) -> Path | None:
     """`source` as a local folder (a run, checkpoint or export folder), or None for a URL or a file."""
-    local = Path(source.removeprefix("file://")).expanduser()
+    local = Path(wf_storage.local_path(source))
     return local if local.is_dir() else None
 
 

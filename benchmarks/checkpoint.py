@@ -20,7 +20,6 @@ import copy
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,12 +37,7 @@ import torch  # noqa: E402
 
 from waveforge import checkpoint, config, models, storage  # noqa: E402
 from waveforge.config import StorageConfig  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from waveforge.runtime import free_port  # noqa: E402
 
 
 def engine(net: torch.nn.Module) -> object:

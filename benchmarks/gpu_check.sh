@@ -22,7 +22,7 @@ summary() {  # the last logged interval of a run's metrics.jsonl
     "$PY" - "$1" <<'EOF'
 import json, sys
 row = [json.loads(line) for line in open(sys.argv[1])][-1]
-keys = ("step", "images_per_s", "s_per_step", "s_per_step_data", "peak_memory_gb_max_rank")
+keys = ("step", "images_per_s", "s_per_step", "s_per_step_data_wait", "peak_memory_gb_max_rank")
 print("   ", {k: round(row[k], 4) for k in keys if k in row})
 EOF
 }

@@ -7,7 +7,7 @@ them; activation checkpointing as the recipe says) and measures the peak of allo
 models during one D step with R1 (`diffusion.d_loss` + backward) and one G step (`diffusion.g_loss` +
 backward), each the second of two runs; prints them next to `plan.activation_bytes` for the same per-GPU
 batch, and the ratio. Then one DeepSpeed engine (the discriminator, ZeRO-1 and ZeRO-2, one rank) with
-`train.ds_config`'s reduction bucket and with DeepSpeed's default one: its peak over two steps against
+`steps.ds_config`'s reduction bucket and with DeepSpeed's default one: its peak over two steps against
 `plan.state_bytes` (inputs at most 128x128, so that activations add little). Checked on an H100
 (README, "Checked on a GPU").
 """
@@ -21,7 +21,7 @@ import torch
 
 from waveforge import cli, config, plan
 from waveforge.config import Recipe
-from waveforge.diffusion import d_loss, g_loss, make_schedule, set_requires_grad
+from waveforge.diffusion import d_loss, g_loss, make_schedule
 from waveforge.models import build_discriminator, build_generator, count_params
 
 GIB = 2**30
@@ -49,12 +49,12 @@ def step_peaks(cfg: Recipe, batch: int, dtype: torch.dtype, dev: torch.device) -
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         if phase == "d_step":
-            set_requires_grad(D, True)
-            set_requires_grad(G, False)
+            D.requires_grad_(True)
+            G.requires_grad_(False)
             loss, _ = d_loss(G, D, sched, x0, t, z, cfg.train.r1_gamma, do_r1=True)
         else:
-            set_requires_grad(D, False)
-            set_requires_grad(G, True)
+            D.requires_grad_(False)
+            G.requires_grad_(True)
             loss, _ = g_loss(G, D, sched, x0, t, z, cfg.train.rec_weight)
         loss.backward()
         del loss
@@ -115,7 +115,8 @@ def main() -> None:
     if cfg.model.family != "wavediff":
         cli.fail(f"recipe {cfg.recipe}: gpu_memory measures the GAN's D and G steps (model.family=wavediff)")
     world = config.world_size(cfg)  # the per-GPU batch as jobs/plan.py and the trainer derive it
-    micro = cfg.train.batch_size // (world * config.check_resources(cfg, world))
+    config.check_resources(cfg, world)
+    micro = config.micro_batch(cfg, world)
     batch = int(a.job.get("batch", micro))
     dev = torch.device("cuda")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

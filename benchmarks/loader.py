@@ -29,7 +29,7 @@ target check reports both.
 
 mode=trainer: a short run of the tiny recipe (python jobs/train.py recipe=tiny, one process, tracking,
 evaluation and checkpoints off) in a temporary folder; from its metrics.jsonl, the data wait
-(s_per_step_data) as a fraction of the step time (s_per_step) per logged interval and overall.
+(s_per_step_data_wait) as a fraction of the step time (s_per_step) per logged interval and overall.
 Target: < 5% in every interval. Keys: train_steps=30 log_steps=5 trainer_source=local|s3 (s3: the tiny
 recipe's data set copied to the benchmark's S3 bucket and streamed from there).
 
@@ -88,7 +88,7 @@ _SAMPLES: list[dict[str, Any]] = []
 def _load_samples(url: str) -> None:
     """Pool initializer: every encoded sample of the local data set, parsed from its shards once."""
     from waveforge import storage
-    from waveforge.data.loader import parse_tar
+    from waveforge.data.tar import parse_tar
 
     m = json.loads(storage.read_bytes(storage.join(url, "index.json")))
     for sh in m["shards"]:
@@ -100,7 +100,7 @@ def _decode_for(args: tuple[int, int, int, float]) -> tuple[int, float]:
     CPU seconds used)."""
     import torch
 
-    from waveforge.data.loader import decode_image
+    from waveforge.data.decode import decode_image
 
     torch.set_num_threads(1)
     w, n, res, seconds = args
@@ -155,7 +155,7 @@ def loader_rate(url: str, world: int, batch: int, workers: int, steps: int, scfg
 def bench_stream(o: dict[str, Any], tmp: Path, scfg: Any, server_pid: int | None) -> bool:
     from waveforge import storage
     from waveforge.data import make_shards, num_streams
-    from waveforge.data.loader import worker_context
+    from waveforge.data.workers import worker_context
 
     res, workers, batch, steps = int(o["resolution"]), int(o["workers"]), int(o["batch"]), int(o["steps"])
     world, defer = int(o["world"]), o["flip"] == "device"
@@ -249,17 +249,17 @@ def bench_trainer(o: dict[str, Any], tmp: Path, scfg: Any) -> bool:
     if r.returncode != 0:
         raise SystemExit(f"error: the tiny run failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rows = [row for row in rows if "s_per_step_data" in row]
+    rows = [row for row in rows if "s_per_step_data_wait" in row]
     print(f"  finished in {time.perf_counter() - t:.0f} s (start-up included)")
     print(f"{'steps':>11}{'s/step':>9}{'data s/step':>13}{'data wait':>11}")
     prev, total, waited, worst = 0, 0.0, 0.0, 0.0
     for row in rows:
         n = row["step"] - prev
-        frac = row["s_per_step_data"] / row["s_per_step"]
+        frac = row["s_per_step_data_wait"] / row["s_per_step"]
         span = f"{prev + 1}-{row['step']}"
-        print(f"{span:>11}{row['s_per_step']:>9.3f}{row['s_per_step_data']:>13.4f}{frac:>11.1%}")
+        print(f"{span:>11}{row['s_per_step']:>9.3f}{row['s_per_step_data_wait']:>13.4f}{frac:>11.1%}")
         total += n * row["s_per_step"]
-        waited += n * row["s_per_step_data"]
+        waited += n * row["s_per_step_data_wait"]
         worst, prev = max(worst, frac), row["step"]
     ok = worst < WAIT_TARGET
     print(f"data wait overall: {waited / total:.1%} of step time ({waited:.2f} s of {total:.1f} s); worst interval "

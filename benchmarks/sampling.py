@@ -148,7 +148,7 @@ def main() -> None:
         cli.fail(f"precision={precision!r}: expected fp32 or bf16")
 
     torch.manual_seed(0)
-    # Eval mode, and on the CPU conv weights in the sampler's channels_last layout: as evaluate.generator_fn.
+    # Eval mode, and on the CPU conv weights in the sampler's channels_last layout: as inference.generator_fn.
     G = models.to_inference_layout(models.build_generator(cfg.model, cfg.diffusion).to(device).eval())
     sched = diffusion.make_schedule(cfg.diffusion, device)
     shape = (4 * cfg.model.channels, cfg.model.resolution // 2, cfg.model.resolution // 2)

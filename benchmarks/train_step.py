@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from waveforge import cli  # noqa: E402
 from waveforge.config import Recipe  # noqa: E402
-from waveforge.diffusion import d_loss, g_loss, make_schedule, sample, set_requires_grad  # noqa: E402
+from waveforge.diffusion import d_loss, g_loss, make_schedule, sample  # noqa: E402
 from waveforge.models import build_discriminator, build_generator, count_params, to_inference_layout  # noqa: E402
 
 JOB_KEYS = {
@@ -74,16 +74,16 @@ def ours(cfg: Recipe, x0: torch.Tensor, seed: int, autocast: Amp
     opt_d = torch.optim.Adam(D.parameters(), lr=t_cfg.lr_d, betas=(t_cfg.beta1, t_cfg.beta2))
 
     def step() -> None:
-        set_requires_grad(D, True)
-        set_requires_grad(G, False)
+        D.requires_grad_(True)
+        G.requires_grad_(False)
         t = torch.randint(0, sched.num_timesteps, (B,), device=dev)
         with autocast():
             loss, _ = d_loss(G, D, sched, x0, t, torch.randn(B, nz, device=dev), t_cfg.r1_gamma, do_r1=True)
         opt_d.zero_grad(set_to_none=True)
         loss.backward()
         opt_d.step()
-        set_requires_grad(D, False)
-        set_requires_grad(G, True)
+        D.requires_grad_(False)
+        G.requires_grad_(True)
         t = torch.randint(0, sched.num_timesteps, (B,), device=dev)
         with autocast():
             loss, _ = g_loss(G, D, sched, x0, t, torch.randn(B, nz, device=dev), t_cfg.rec_weight)
@@ -92,7 +92,7 @@ def ours(cfg: Recipe, x0: torch.Tensor, seed: int, autocast: Amp
         opt_g.step()
 
     # Sampling uses an eval copy of G, as the platform samples its EMA copy of G (and a CPU copy gets its conv
-    # weights in the sampler's channels_last layout, as evaluate.generator_fn does).
+    # weights in the sampler's channels_last layout, as inference.generator_fn does).
     G_eval = to_inference_layout(copy.deepcopy(G).eval())
 
     def sampling() -> None:

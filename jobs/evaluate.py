@@ -23,10 +23,10 @@ JOB_KEYS = {"checkpoint": "run/checkpoint/export folder or URL of the generator"
 def main() -> None:
     args = cli.parse(sys.argv[1:], "evaluate", __doc__, job_keys=JOB_KEYS,
                      flags={"--json": "print the result as one JSON object on stdout"})
-    from waveforge import dist, evaluate
+    from waveforge import dist, jobs
 
     j = {k: str(v) for k, v in args.job.items()}
-    result = evaluate.run_job(args.cfg, checkpoint=j.get("checkpoint", ""), real=j.get("real", ""),
+    result = jobs.evaluate(args.cfg, checkpoint=j.get("checkpoint", ""), real=j.get("real", ""),
                               fake=j.get("fake", ""), out=j.get("out", ""))
     if "--json" in args.flags and dist.rank() == 0:
         print(json.dumps(result), flush=True)

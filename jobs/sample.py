@@ -21,10 +21,10 @@ JOB_KEYS = {"run": "run folder, checkpoint, export folder or URL (required)",
 def main() -> None:
     args = cli.parse(sys.argv[1:], "sample", __doc__, job_keys=JOB_KEYS, flags={"--grid": "write one grid PNG"},
                      require=["run"])
-    from waveforge import sampling
+    from waveforge import jobs
 
     j = args.job
-    sampling.run_job(args.cfg, run=str(j["run"]), num=int(j.get("num", 64)), seed=int(j.get("seed", 0)),
+    jobs.sample(args.cfg, run=str(j["run"]), num=int(j.get("num", 64)), seed=int(j.get("seed", 0)),
                      out=str(j.get("out", "")), grid="--grid" in args.flags, device=str(j.get("device", "")))
 
 

@@ -13,6 +13,7 @@ from the run folder's latest checkpoint and continues the same MLflow run.
 """
 
 import sys
+from pathlib import Path
 
 from waveforge import cli
 
@@ -30,32 +31,34 @@ FLAGS = {
 
 def main() -> None:
     args = cli.parse(sys.argv[1:], "submit", __doc__, job_keys=JOB_KEYS, flags=FLAGS)
+    from datetime import UTC, datetime
+
     from waveforge import config
 
-    cfg = args.cfg
     job = str(args.job.get("job", "train"))
     if job not in ("train", "evaluate", "sample"):
         cli.fail(f"job={job!r} is not valid: one of train, evaluate, sample")
+    cfg = config.with_run_folder(args.cfg, datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
     config.check_resources(cfg, config.world_size(cfg))  # before anything heavy is imported
-    from waveforge import launch
+    from waveforge import submit
 
-    backend = launch.backend_of(cfg.cluster.backend)
-    run_dir = launch.run_folder(cfg)
+    backend = submit.backend_of(cfg.cluster.backend)
+    run_dir = Path(cfg.run.dir)
     if "--dry-run" in args.flags:
         print("# resolved recipe\n" + config.to_yaml(cfg))
-        print(f"# backend: {backend}; run folder: {run_dir}\n# sbatch script\n{launch.sbatch_script(cfg, job)}")
+        print(f"# backend: {backend}; run folder: {run_dir}\n# sbatch script\n{submit.sbatch_script(cfg, job)}")
         return
     job_args = {k: v for k, v in args.job.items() if k != "job"}
     if job == "evaluate" and "run" in job_args:
         job_args["checkpoint"] = str(job_args.pop("run"))
-    handle = launch.submit(cfg, job, job_args)
-    logs = launch.log_folder(run_dir)
+    handle = submit.submit(cfg, job, job_args)
+    logs = submit.log_folder(run_dir)
     print(f"submitted {job} job {handle.job_id} ({backend})\nrun folder: {run_dir}\n"
           f"logs: {logs}/{handle.job_id}_<task>_log.out (rank 0: {handle.paths.stdout})", flush=True)
     if backend == "local" or "--wait" in args.flags:
         try:
-            launch.follow(handle)  # rank 0's log; a failed task cancels the rest at once
-        except launch.JobFailed as e:  # the job's own traceback is in the log named
+            submit.follow(handle)  # rank 0's log; a failed task cancels the rest at once
+        except submit.JobFailed as e:  # the job's own traceback is in the log named
             print(str(e), file=sys.stderr)
             raise SystemExit(1) from None
 

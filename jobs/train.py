@@ -18,12 +18,12 @@ def main() -> None:
         from waveforge.data import start_worker_server
 
         start_worker_server()  # its torch import overlaps ours: the loader's workers start at once later
-    from waveforge import launch, train
+    from waveforge import runtime, train
 
     try:
         status = train.main(args.cfg)
     finally:
-        launch.shutdown()  # NCCL warns (and may leak) when a process exits with its group alive
+        runtime.shutdown()  # NCCL warns (and may leak) when a process exits with its group alive
     raise SystemExit(0 if status == "finished" else 3)  # 3: stopped on request, checkpoint written
 
 

@@ -73,6 +73,29 @@ def test_wrong_type_and_range_name_key_value_allowed() -> None:
         config.load("tiny", ["model.resolution=48"])
 
 
+@pytest.mark.parametrize("key", sorted(config.field_rules()))
+def test_each_field_is_validated_by_itself_and_named(key: str) -> None:
+    """A value that breaks a field's own rule is reported under that field's key, whatever the other fields
+    are (the error used to name another key of the same check)."""
+    rule = config.field_rules()[key]
+    with pytest.raises(ConfigError) as e:
+        config.load("tiny", {key: rule.bad})
+    text = str(e.value)
+    assert text.startswith(f"{key}=") and text.endswith(f" is out of range: {rule.allowed}"), text
+
+
+def test_cross_field_rules_name_the_constrained_field() -> None:
+    for overrides, key in ((["diffusion.beta_min=30"], "diffusion.beta_min=30.0"),
+                           (["train.lr_min=0.5"], "train.lr_min=0.5"),
+                           (["model.ch_mult=[1,1,1,1,1,1,1]"], "model.ch_mult="),
+                           (["model.d_layers=9"], "model.d_layers=9"),
+                           (["sampler.noise_filter=pds"], "sampler.noise_filter='pds'"),
+                           (["gpus_per_node=0", "tasks_per_node=0"], "cluster.gpus_per_node=0")):
+        with pytest.raises(ConfigError) as e:
+            config.load("tiny", overrides)
+        assert str(e.value).startswith(key), (overrides, str(e.value))
+
+
 def test_unknown_recipe_lists_available() -> None:
     with pytest.raises(ConfigError) as e:
         config.load("tinyy")
@@ -81,9 +104,18 @@ def test_unknown_recipe_lists_available() -> None:
 
 def test_batch_must_split_over_ranks() -> None:
     cfg = config.load("tiny", ["batch=16"])
-    assert config.check_resources(cfg, world=4) == 1
+    config.check_resources(cfg, world=4)
+    assert config.micro_batch(cfg, world=4) == 4
     with pytest.raises(ConfigError, match="not divisible"):
         config.check_resources(cfg, world=3)
+    accum = config.load("tiny", ["batch=16", "dist.grad_accum=2"])
+    config.check_resources(accum, world=4)
+    assert config.micro_batch(accum, world=4) == 2  # micro-batch = batch / (ranks x grad_accum)
+    with pytest.raises(ConfigError, match="dist.grad_accum=0 is out of range"):
+        config.load("tiny", ["dist.grad_accum=0"])
+    legacy = config.to_dict(cfg)  # recipes saved when grad_accum 0 meant 1 still load (and resume)
+    legacy["dist"]["grad_accum"] = 0
+    assert config.from_dict(legacy).dist.grad_accum == 1
 
 
 def test_secrets_never_printed_or_saved(tmp_path: Path) -> None:
@@ -114,6 +146,10 @@ def test_cli_print_config_and_errors() -> None:
     assert yaml.safe_load(r.stdout)["train"]["lr_g"] == 1e-4
     r = _job("jobs/train.py", "recipe=tiny", "trian.lr_g=1")
     assert r.returncode == 2 and "train.lr_g" in r.stderr
+    for bad, key in (("train.grad_clip=-1", "train.grad_clip=-1.0"), ("eval.grid_size=0", "eval.grid_size=0")):
+        r = _job("jobs/train.py", "recipe=tiny", bad)  # each names its own key (not a neighbour's), one line
+        assert r.returncode == 2 and r.stderr.startswith(f"error: {key} is out of range"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     r = _job("jobs/train.py", "recipe=nope")
     assert r.returncode == 2 and "Available recipes" in r.stderr
     r = _job("jobs/train.py", "recipe=tiny", "--bogus")

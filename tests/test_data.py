@@ -119,7 +119,7 @@ def test_parse_tar_groups_samples_as_webdataset_does(synth):
 
     import webdataset.tariterators as wti
 
-    from waveforge.data.loader import parse_tar
+    from waveforge.data.tar import parse_tar
 
     def reference(data: bytes, url: str) -> list[dict]:
         files = [{**f, "__url__": url} for f in wti.tar_file_iterator(io.BytesIO(data))]
@@ -366,7 +366,7 @@ def test_worker_waits_for_its_next_slot_to_be_named():
 
 
 def test_decoders_agree_and_pil_takes_what_torchvision_rejects():
-    from waveforge.data.loader import _decode_pil, _decode_torchvision, decode_hwc, decode_image
+    from waveforge.data.decode import _decode_pil, _decode_torchvision, decode_hwc, decode_image
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)

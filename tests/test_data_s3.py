@@ -86,7 +86,7 @@ def test_s3_shard_deleted_mid_run(s3_server, on_error, capfd):
     ld = ShardLoader(url, global_batch=G, rank=0, world=1, storage=scfg, on_error=on_error)
     ld.next_step()
     # Stream 0's epoch-0 segment is shards perm[0..4] (15 samples = 5 shards of 3): its last one is not read yet.
-    victim = int(ld.plan.layout(0).perm[4])
+    victim = int(ld.order.layout(0).perm[4])
     name = ld.manifest["shards"][victim]["name"]
     storage.remove(f"{url}/{name}", scfg)
     t0 = time.time()

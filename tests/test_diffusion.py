@@ -23,7 +23,6 @@ from waveforge.diffusion import (
     sample,
     sample_from_seeds,
     seed_noise,
-    set_requires_grad,
 )
 from waveforge.models import build_discriminator, build_generator
 from waveforge.wavelet import to_wavelet
@@ -166,7 +165,7 @@ def test_losses_are_one_scalar_and_never_call_backward():
     assert "r1" not in stats
     # R1 is exactly gamma/2 E|grad_{x_t} D|^2 (same noise draws -> compare via the stats difference).
     D.zero_grad()
-    set_requires_grad(D, False)
+    D.requires_grad_(False)
     gl, gstats = g_loss(G, D, s, x0, t, z, rec_weight=1.0)
     assert gl.dim() == 0 and gstats["g_loss_rec"] > 0
     gl.backward()
@@ -253,13 +252,13 @@ def test_tiny_learns():
     for step in range(60):
         idx = torch.randint(0, train.shape[0], (B,))
         x0 = train[idx]
-        set_requires_grad(D, True)
+        D.requires_grad_(True)
         t = torch.randint(0, s.num_timesteps, (B,))
         loss, _ = d_loss(G, D, s, x0, t, torch.randn(B, cfg.model.nz), t_cfg.r1_gamma, step % t_cfg.lazy_reg == 0)
         opt_d.zero_grad(set_to_none=True)
         loss.backward()
         opt_d.step()
-        set_requires_grad(D, False)
+        D.requires_grad_(False)
         t = torch.randint(0, s.num_timesteps, (B,))
         loss, _ = g_loss(G, D, s, x0, t, torch.randn(B, cfg.model.nz), t_cfg.rec_weight)
         opt_g.zero_grad(set_to_none=True)

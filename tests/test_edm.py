@@ -97,10 +97,16 @@ def test_loss_is_the_weighted_denoising_error() -> None:
             sigma = vp_sigma(t, d.beta_max - d.beta_min, d.beta_min)
             weight = 1 / sigma**2
         noisy = x0 + torch.randn_like(x0) * sigma.reshape(-1, 1, 1, 1)
-        expect = (weight * (0.5 * noisy - x0).square().flatten(1).mean(1)).mean()
+        err = (0.5 * noisy - x0).square().flatten(1).mean(1)
+        expect = (weight * err).mean()
         torch.testing.assert_close(loss, expect, rtol=1e-5, atol=0)
-        assert stats["loss"] == pytest.approx(expect.item(), rel=1e-5)
-        assert math.isfinite(stats["mse_low_sigma"]) and math.isfinite(stats["mse_high_sigma"])
+        assert stats["loss"].item() == pytest.approx(expect.item(), rel=1e-5)
+        # the unweighted errors below / above sigma_data, as (sum, count) device tensors for pooling
+        low = sigma < d.sigma_data
+        for key, mask in (("mse_low_sigma", low), ("mse_high_sigma", ~low)):
+            total, count = stats[key]
+            assert count.item() == mask.sum().item() and 0 < count.item() < 64, (precond, key)
+            assert total.item() == pytest.approx(err[mask].sum().item(), rel=1e-5)
 
 
 SAMPLER_CASES = [
@@ -215,7 +221,8 @@ def trained(shards: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_edm_tiny_trains_and_its_fid_falls(trained: Path, shards: str) -> None:
-    from waveforge import evaluate
+    from waveforge import inference
+    from waveforge.evaluator import Evaluator
 
     rows = _rows(trained)
     fids = [r["eval_fid"] for r in rows if "eval_fid" in r]
@@ -226,8 +233,7 @@ def test_edm_tiny_trains_and_its_fid_falls(trained: Path, shards: str) -> None:
                                    "eval.kid=false", FEATURES, "steps=6"])
     torch.manual_seed(cfg.run.seed)
     init = models.build_network(cfg.model, cfg.diffusion).eval()
-    fid0 = evaluate.evaluate_generator(cfg, evaluate.generator_fn(init, cfg, "cpu"), rank=0, world=1,
-                                       device="cpu", progress=False)["fid"]
+    fid0 = Evaluator(cfg, "cpu").fid(inference.generator_fn(init, cfg, "cpu"), progress=False)["fid"]
     assert fids[0] < 0.7 * fid0 and fids[1] < 0.7 * fid0, (fid0, fids)  # learned the data: FID clearly lower
     assert list((trained / "samples").glob("grid-*.png"))
 

@@ -21,8 +21,10 @@ import torch.multiprocessing as mp
 from cleanfid import fid as cleanfid
 from PIL import Image
 
-from waveforge import config, evaluate
+from waveforge import config, inference, jobs, metrics
 from waveforge.config import EvalConfig
+from waveforge.evaluator import Evaluator, sampling_speed
+from waveforge.images import make_grid
 
 CPU = torch.device("cpu")
 SPEC = "feature_extractors:random_conv32"
@@ -59,8 +61,8 @@ def data_images(n: int = 40, size: int = 24) -> torch.Tensor:
     return (torch.rand(n, 3, size, size, generator=g) * 255).to(torch.uint8)
 
 
-def extractor(mode: str = "clean", spec: str = SPEC) -> evaluate.FeatureExtractor:
-    return evaluate.load_feature_extractor(EvalConfig(feature_extractor=spec, mode=mode), CPU)
+def extractor(mode: str = "clean", spec: str = SPEC) -> metrics.FeatureExtractor:
+    return metrics.load_feature_extractor(EvalConfig(feature_extractor=spec, mode=mode), CPU)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,7 +73,7 @@ def extractor(mode: str = "clean", spec: str = SPEC) -> evaluate.FeatureExtracto
 @pytest.mark.parametrize("mode", ["clean", "legacy_pytorch", "legacy_tensorflow"])
 def test_fid_between_folders_equals_cleanfid(folders, mode):
     real, fake = folders
-    ours = evaluate.fid_folders(real, fake, EvalConfig(feature_extractor=SPEC, mode=mode, batch_size=16, kid=False),
+    ours = metrics.fid_folders(real, fake, EvalConfig(feature_extractor=SPEC, mode=mode, batch_size=16, kid=False),
                                 device=CPU, progress=False)
     theirs = cleanfid.compute_fid(str(real), str(fake), custom_feat_extractor=fx.random_conv32, mode=mode,
                                   device=CPU, num_workers=0, verbose=False)
@@ -83,7 +85,7 @@ def test_fid_between_folders_equals_cleanfid(folders, mode):
 def test_kid_equals_cleanfid_kernel_distance(folders):
     real, fake = folders
     ecfg = EvalConfig(feature_extractor=SPEC, batch_size=16, kid=True, kid_subsets=20, kid_subset_size=30)
-    ours = evaluate.fid_folders(real, fake, ecfg, device=CPU, progress=False)
+    ours = metrics.fid_folders(real, fake, ecfg, device=CPU, progress=False)
     f_real = cleanfid.get_folder_features(str(real), fx.random_conv32, num_workers=0, device=CPU, verbose=False)
     f_fake = cleanfid.get_folder_features(str(fake), fx.random_conv32, num_workers=0, device=CPU, verbose=False)
     np.random.seed(0)  # our estimator draws its subsets with RandomState(0), as clean-fid does after seed(0)
@@ -93,16 +95,16 @@ def test_kid_equals_cleanfid_kernel_distance(folders):
     # all subsets = every sample once: the estimator is clean-fid's for any features
     feats1, feats2 = np.random.default_rng(0).normal(size=(2, 50, 8)).astype(np.float32)
     np.random.seed(3)
-    assert evaluate.kernel_distance(feats1, feats2 + 0.5, 5, 1000, seed=3) == pytest.approx(
+    assert metrics.kernel_distance(feats1, feats2 + 0.5, 5, 1000, seed=3) == pytest.approx(
         cleanfid.kernel_distance(feats1, feats2 + 0.5, 5, 1000), rel=1e-4)
 
 
 def test_fid_of_a_set_against_itself_is_zero(folders):
     real, fake = folders
-    out = evaluate.fid_folders(real, real, EvalConfig(feature_extractor=SPEC, batch_size=16, kid=True,
+    out = metrics.fid_folders(real, real, EvalConfig(feature_extractor=SPEC, batch_size=16, kid=True,
                                                       kid_subset_size=30, kid_subsets=10),
                                device=CPU, progress=False)
-    typical = evaluate.fid_folders(real, fake, EvalConfig(feature_extractor=SPEC, batch_size=16, kid=True,
+    typical = metrics.fid_folders(real, fake, EvalConfig(feature_extractor=SPEC, batch_size=16, kid=True,
                                                           kid_subset_size=30, kid_subsets=10),
                                    device=CPU, progress=False)
     assert abs(out["fid"]) < 1e-6 * typical["fid"]
@@ -112,7 +114,7 @@ def test_fid_of_a_set_against_itself_is_zero(folders):
 
 def test_feature_stats_equal_numpy_mean_and_cov():
     feats = torch.randn(37, 6, generator=torch.Generator().manual_seed(0)) * 3 + 1
-    stats = evaluate.FeatureStats(keep_features=True)
+    stats = metrics.FeatureStats(keep_features=True)
     for chunk, idx in zip(feats.split(10), torch.arange(37).split(10)):
         stats.add(chunk, indices=idx.tolist())
     s = stats.reduce()
@@ -133,17 +135,17 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         ext = extractor()
-        fake = evaluate.generate_features(generate_images, 23, ext, batch_size=3, kid=True, progress=False).reduce()
+        fake = metrics.generate_features(generate_images, 23, ext, batch_size=3, kid=True, progress=False).reduce()
         images = data_images()
         share = images.chunk(world)[rank]  # contiguous shares: the gathered features keep the data order
-        real = evaluate.reference_stats(
+        real = metrics.reference_stats(
             os.path.join(out_dir, "manifest.json"), lambda: iter(share.split(4)), ext, resolution=24,
             cache_url=os.path.join(out_dir, "cache"), kid=True, progress=False)
-        scores = evaluate.metrics(real, fake, kid=True, kid_subsets=10, kid_subset_size=15)
-        cached = evaluate.reference_stats(  # the second time: read by every rank, features on rank 0 only
+        scores = metrics.scores(real, fake, kid=True, kid_subsets=10, kid_subset_size=15)
+        cached = metrics.reference_stats(  # the second time: read by every rank, features on rank 0 only
             os.path.join(out_dir, "manifest.json"), lambda: iter(()), ext, resolution=24,
             cache_url=os.path.join(out_dir, "cache"), kid=True, progress=False)
-        cached_scores = evaluate.metrics(cached, fake, kid=True, kid_subsets=10, kid_subset_size=15)
+        cached_scores = metrics.scores(cached, fake, kid=True, kid_subsets=10, kid_subset_size=15)
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump({"fake": fake, "real": real, "scores": scores, "cached": cached,
                          "cached_scores": cached_scores}, f)
@@ -158,11 +160,11 @@ def test_two_ranks_equal_one_rank(tmp_path):
     two = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2)]
 
     ext = extractor()
-    fake = evaluate.generate_features(generate_images, 23, ext, batch_size=5, kid=True, progress=False).reduce()
+    fake = metrics.generate_features(generate_images, 23, ext, batch_size=5, kid=True, progress=False).reduce()
     images = data_images()
-    real = evaluate.reference_stats(str(tmp_path / "manifest.json"), lambda: iter(images.split(7)), ext,
+    real = metrics.reference_stats(str(tmp_path / "manifest.json"), lambda: iter(images.split(7)), ext,
                                     resolution=24, cache_url=str(tmp_path / "cache1"), kid=True, progress=False)
-    scores = evaluate.metrics(real, fake, kid=True, kid_subsets=10, kid_subset_size=15)
+    scores = metrics.scores(real, fake, kid=True, kid_subsets=10, kid_subset_size=15)
 
     assert not two[0]["real"].cached  # computed by the two ranks together
     for r in range(2):  # every rank holds the same numbers
@@ -201,7 +203,7 @@ def test_reference_stats_are_computed_once_and_keyed_by_the_manifest(tmp_path, c
         return iter(images.split(8))
 
     ext = extractor()
-    ref = functools.partial(evaluate.reference_stats, str(manifest), iterate, ext, resolution=24, num_samples=40,
+    ref = functools.partial(metrics.reference_stats, str(manifest), iterate, ext, resolution=24, num_samples=40,
                             progress=False)
     first = ref()
     assert calls == [1] and not first.cached and first.count == 40
@@ -227,10 +229,10 @@ def test_reference_stats_are_computed_once_and_keyed_by_the_manifest(tmp_path, c
     # another resolution, extractor or sample count is another key (and the images must have that size)
     with pytest.raises(ValueError, match="images are 24x24 px but the generator makes 32x32"):
         ref(resolution=32)
-    assert not evaluate.reference_stats(str(manifest), lambda: iter([images.repeat(1, 1, 2, 2)]), ext,
+    assert not metrics.reference_stats(str(manifest), lambda: iter([images.repeat(1, 1, 2, 2)]), ext,
                                         resolution=48, progress=False, num_samples=40).cached
     assert not ref(num_samples=39).cached
-    assert not evaluate.reference_stats(str(manifest), iterate, extractor(spec="feature_extractors:random_conv16"),
+    assert not metrics.reference_stats(str(manifest), iterate, extractor(spec="feature_extractors:random_conv16"),
                                         resolution=24, num_samples=40, progress=False).cached
     n_calls = len(calls)
     manifest.write_text('{"shards": ["shard-000000.tar", "shard-000001.tar"], "count": 80}')
@@ -245,25 +247,26 @@ def test_evaluate_generator_against_a_shard_dataset(tmp_path, capsys, monkeypatc
     data.make_shards("synthetic", str(tmp_path / "shards"), 32, num_samples=30, workers=1, progress=False)
     cfg = config.load("tiny", {"data.url": str(tmp_path / "shards"), "eval.num_samples": 20, "eval.batch_size": 8,
                                "eval.feature_extractor": SPEC, "eval.kid_subsets": 5, "eval.kid_subset_size": 10})
-    monkeypatch.setattr(evaluate, "_REFERENCES", {})
     generate = functools.partial(generate_images, size=32)
-    first = evaluate.evaluate_generator(cfg, generate, device=CPU, progress=False)
+    first = Evaluator(cfg, CPU).fid(generate, progress=False)
     assert set(first) == {"fid", "kid"} and first["fid"] > 0
     assert "reference statistics: computed 20 images" in capsys.readouterr().out
     assert list((tmp_path / "shards" / "fid-stats").glob("ref-*.npz"))
 
-    monkeypatch.setattr(evaluate, "_REFERENCES", {})  # a new process: the file is read
-    second = evaluate.evaluate_generator(cfg, generate, device=CPU, progress=False)
+    evaluator = Evaluator(cfg, CPU)  # a new evaluator (a new process): the file is read, once
+    second = evaluator.fid(generate, progress=False)
     assert "reference statistics: cached" in capsys.readouterr().out
     assert second == pytest.approx(first, rel=1e-9)
+    assert evaluator.fid(generate, progress=False) == pytest.approx(first, rel=1e-9)
+    assert "reference statistics" not in capsys.readouterr().out  # kept in memory by the evaluator
 
     # same images from the data loader directly: the reference features are exactly the data set's
-    ext = evaluate.load_feature_extractor(cfg.eval, CPU)
+    ext = metrics.load_feature_extractor(cfg.eval, CPU)
     images = torch.cat(list(data.iterate_dataset(cfg.data.url, rank=0, world=1, batch_size=8, num_samples=20)))
-    direct = evaluate.FeatureStats()
+    direct = metrics.FeatureStats()
     direct.add(ext(images))
-    fake = evaluate.generate_features(generate, 20, ext, 8, progress=False).reduce()
-    assert evaluate.fid_from_stats(direct.reduce(), fake) == pytest.approx(first["fid"], rel=1e-6)
+    fake = metrics.generate_features(generate, 20, ext, 8, progress=False).reduce()
+    assert metrics.fid_from_stats(direct.reduce(), fake) == pytest.approx(first["fid"], rel=1e-6)
 
 
 def test_run_job_evaluates_an_exported_generator_and_folders(tmp_path, monkeypatch):
@@ -281,24 +284,22 @@ def test_run_job_evaluates_an_exported_generator_and_folders(tmp_path, monkeypat
     G = models.build_generator(cfg.model, cfg.diffusion).eval()
     export = tmp_path / "export"
     export.mkdir()
-    safetensors.torch.save_model(G, str(export / evaluate.GENERATOR_FILE))
+    safetensors.torch.save_model(G, str(export / inference.GENERATOR_FILE))
     (export / "model_config.json").write_text(json.dumps({
         "model": config.to_dict(cfg)["model"], "diffusion": config.to_dict(cfg)["diffusion"], "step": 7}))
-    monkeypatch.setattr(evaluate, "_REFERENCES", {})
-
-    result = evaluate.run_job(cfg, checkpoint=str(export), out=str(tmp_path / "fid.json"))
+    result = jobs.evaluate(cfg, checkpoint=str(export), out=str(tmp_path / "fid.json"))
     assert result["step"] == 7 and result["num_samples"] == 12 and result["fid"] > 0 and "kid" in result
     assert json.loads((tmp_path / "fid.json").read_text())["fid"] == result["fid"]
-    direct = evaluate.evaluate_generator(cfg, evaluate.generator_fn(G, cfg, CPU), device=CPU, progress=False)
+    direct = Evaluator(cfg, CPU).fid(inference.generator_fn(G, cfg, CPU), progress=False)
     assert direct["fid"] == pytest.approx(result["fid"], rel=1e-9)  # the same images as the trainer's eval
 
     real, fake = _write_folder(tmp_path / "r", 12, 32, 0, 0), _write_folder(tmp_path / "f", 12, 32, 30, 1)
-    folders = evaluate.run_job(cfg, real=str(real), fake=str(fake))
-    assert folders["fid"] == pytest.approx(evaluate.fid_folders(real, fake, cfg.eval, CPU, progress=False)["fid"])
+    folders = jobs.evaluate(cfg, real=str(real), fake=str(fake))
+    assert folders["fid"] == pytest.approx(metrics.fid_folders(real, fake, cfg.eval, CPU, progress=False)["fid"])
     with pytest.raises(config.ConfigError, match="nothing to evaluate"):
-        evaluate.run_job(cfg)
+        jobs.evaluate(cfg)
     with pytest.raises(config.ConfigError, match="cannot load a generator"):
-        evaluate.run_job(cfg, checkpoint=str(tmp_path / "no-such-run"))
+        jobs.evaluate(cfg, checkpoint=str(tmp_path / "no-such-run"))
 
 
 def test_reference_stats_in_object_storage_url(tmp_path):
@@ -309,7 +310,7 @@ def test_reference_stats_in_object_storage_url(tmp_path):
     fs.pipe("/wf-test-bucket/data/manifest.json", b'{"shards": []}')
     images = data_images(12)
     ext = extractor()
-    ref = functools.partial(evaluate.reference_stats, "memory://wf-test-bucket/data/manifest.json",
+    ref = functools.partial(metrics.reference_stats, "memory://wf-test-bucket/data/manifest.json",
                             lambda: iter([images]), ext, resolution=24, progress=False)
     try:
         first, second = ref(), ref()
@@ -322,7 +323,7 @@ def test_reference_stats_in_object_storage_url(tmp_path):
 
 def test_reference_stats_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="data manifest .* not found"):
-        evaluate.reference_stats(str(tmp_path / "nope.json"), lambda: iter([]), extractor(), resolution=24)
+        metrics.reference_stats(str(tmp_path / "nope.json"), lambda: iter([]), extractor(), resolution=24)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,22 +336,22 @@ def _fail_download(*args, **kwargs):
 
 
 def test_missing_inception_weights_give_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "CLEANFID_INCEPTION_DIR", str(tmp_path))
+    monkeypatch.setattr(metrics, "CLEANFID_INCEPTION_DIR", str(tmp_path))
     monkeypatch.setattr("cleanfid.downloads_helper.urllib.request.urlopen", _fail_download)
-    with pytest.raises(evaluate.InceptionUnavailable) as e:
-        evaluate.load_feature_extractor(EvalConfig(mode="clean"), CPU)
+    with pytest.raises(metrics.InceptionUnavailable) as e:
+        metrics.load_feature_extractor(EvalConfig(mode="clean"), CPU)
     msg = str(e.value)
-    assert "inception-2015-12-05.pt" in msg and evaluate.INCEPTION_URL in msg
+    assert "inception-2015-12-05.pt" in msg and metrics.INCEPTION_URL in msg
     assert str(tmp_path / "inception-2015-12-05.pt") in msg and "eval.inception_path" in msg
     assert list(tmp_path.iterdir()) == []  # no partial file left where clean-fid looks
 
-    with pytest.raises(evaluate.InceptionUnavailable, match="eval.inception_path='/nowhere/x.pt': no such file"):
-        evaluate.load_feature_extractor(EvalConfig(inception_path="/nowhere/x.pt"), CPU)
+    with pytest.raises(metrics.InceptionUnavailable, match="eval.inception_path='/nowhere/x.pt': no such file"):
+        metrics.load_feature_extractor(EvalConfig(inception_path="/nowhere/x.pt"), CPU)
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", _fail_download)
-    with pytest.raises(evaluate.InceptionUnavailable, match="pt_inception-2015-12-05-6726825d.pth") as e:
-        evaluate.load_feature_extractor(EvalConfig(mode="legacy_pytorch"), CPU)
+    with pytest.raises(metrics.InceptionUnavailable, match="pt_inception-2015-12-05-6726825d.pth") as e:
+        metrics.load_feature_extractor(EvalConfig(mode="legacy_pytorch"), CPU)
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in str(e.value)
 
 
@@ -367,13 +368,13 @@ class _TinyInception(torch.nn.Module):
 
 
 def test_inception_path_loads_with_cleanfids_code(tmp_path, monkeypatch, folders):
-    monkeypatch.setattr(evaluate, "CLEANFID_INCEPTION_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(metrics, "CLEANFID_INCEPTION_DIR", str(tmp_path / "empty"))
     monkeypatch.setattr("cleanfid.downloads_helper.urllib.request.urlopen", _fail_download)
     net = torch.jit.script(_TinyInception())
     weights = tmp_path / "shared" / "my-inception-copy.pt"  # any name: linked to clean-fid's fixed name
     weights.parent.mkdir()
     net.save(str(weights))
-    ext = evaluate.load_feature_extractor(EvalConfig(inception_path=str(weights)), CPU)
+    ext = metrics.load_feature_extractor(EvalConfig(inception_path=str(weights)), CPU)
     assert ext.name == "inception_v3/clean"
     images = data_images(3, 32)
     feats = ext(images)
@@ -382,19 +383,19 @@ def test_inception_path_loads_with_cleanfids_code(tmp_path, monkeypatch, folders
     torch.testing.assert_close(feats, expected)
     # the folder form works too
     net.save(str(tmp_path / "shared" / "inception-2015-12-05.pt"))
-    from_folder = evaluate.load_feature_extractor(EvalConfig(inception_path=str(weights.parent)), CPU)
+    from_folder = metrics.load_feature_extractor(EvalConfig(inception_path=str(weights.parent)), CPU)
     assert from_folder(images).shape == (3, 2048)
 
 
 def test_bad_feature_extractor_spec_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
-        evaluate.load_feature_extractor(EvalConfig(feature_extractor="no_such_module:f"), CPU)
+        metrics.load_feature_extractor(EvalConfig(feature_extractor="no_such_module:f"), CPU)
     with pytest.raises(ValueError, match="has no attribute 'nope'"):
-        evaluate.load_feature_extractor(EvalConfig(feature_extractor="feature_extractors:nope"), CPU)
+        metrics.load_feature_extractor(EvalConfig(feature_extractor="feature_extractors:nope"), CPU)
     with pytest.raises(config.ConfigError, match="eval.kid_subset_size"):
         config.load("tiny", {"eval.kid_subset_size": 1})
     with pytest.raises(ValueError, match=r"uint8 \(B,3,H,W\)"):
-        evaluate.generate_features(lambda s: torch.zeros(len(s), 3, 8, 8), 4, extractor(), 2, progress=False)
+        metrics.generate_features(lambda s: torch.zeros(len(s), 3, 8, 8), 4, extractor(), 2, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,17 +405,21 @@ def test_bad_feature_extractor_spec_is_a_clear_error():
 
 def test_make_grid_tiles_images_row_major():
     images = torch.stack([torch.full((3, 4, 5), 10 * i, dtype=torch.uint8) for i in range(7)])
-    grid = evaluate.make_grid(images, nrow=3)
+    grid = make_grid(images, nrow=3)
     assert grid.size == (3 * 5, 3 * 4) and grid.mode == "RGB"
     a = np.asarray(grid)
     assert a[0, 0, 0] == 0 and a[0, 5, 0] == 10 and a[4, 0, 0] == 30 and a[8, 0, 0] == 60
     assert a[8, 5, 0] == 0  # empty cell
     with pytest.raises(ValueError, match="uint8"):
-        evaluate.make_grid(images.float(), 3)
+        make_grid(images.float(), 3)
+    # small samples are upscaled by a whole factor (nearest neighbour) to at least min_size px, the cells sharp
+    big = np.asarray(make_grid(images, nrow=3, min_size=64))
+    assert big.shape == (12 * 6, 15 * 6, 3)  # ceil(64 / 12) = 6
+    assert (big[:6, :6] == 0).all() and (big[:6, 30:36] == 10).all() and (big[24:30, :6] == 30).all()
 
 
 def test_sampling_speed_excludes_warmup():
     calls = []
-    speed = evaluate.sampling_speed(lambda: calls.append(1), batch_size=8, repeats=3, warmup=2)
+    speed = sampling_speed(lambda: calls.append(1), batch_size=8, repeats=3, warmup=2)
     assert len(calls) == 5
     assert speed["images_per_s"] == pytest.approx(8 / speed["s_per_batch"])

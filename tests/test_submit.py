@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from waveforge import config, data, launch
+from waveforge import config, data, runtime, submit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,8 +66,8 @@ def rank1_fails_early() -> str:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     if int(os.environ["RANK"]) == 1:
         raise RuntimeError("rank 1 failed before the rendezvous")
-    launch.init_distributed("gloo")
-    launch.shutdown()
+    runtime.init_distributed("gloo")
+    runtime.shutdown()
     return "rendezvous passed"
 
 
@@ -77,15 +77,15 @@ def test_a_failed_local_task_cancels_the_others(tmp_path: Path, monkeypatch: pyt
     import submitit
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the tasks import this module
-    monkeypatch.setenv("MASTER_PORT", str(launch._free_port()))  # as launch.submit sets for local jobs
+    monkeypatch.setenv("MASTER_PORT", str(runtime.free_port()))  # as submit.submit sets for local jobs
     executor = submitit.LocalExecutor(folder=tmp_path / "logs")
     executor.update_parameters(nodes=1, tasks_per_node=2, timeout_min=4)
     job = executor.submit(rank1_fails_early)
     t0 = time.monotonic()
     try:
-        with pytest.raises(launch.JobFailed, match=r"task 1 failed: RuntimeError: rank 1 failed before the "
+        with pytest.raises(submit.JobFailed, match=r"task 1 failed: RuntimeError: rank 1 failed before the "
                                                    r"rendezvous \(log: .*_1_log.out\)"):
-            launch.follow(job, poll_s=0.5, out=io.StringIO())
+            submit.follow(job, poll_s=0.5, out=io.StringIO())
         assert time.monotonic() - t0 < 120, "rank 0 was left waiting for the failed rank 1"
         assert job.done(), "rank 0 still runs"
     finally:
@@ -101,13 +101,13 @@ def test_a_failed_slurm_task_ends_the_step(slurm_cluster, tmp_path: Path,  # noq
     cfg = config.load("tiny", [f"run.dir={tmp_path / 'run'}", "cluster=slurm", "nodes=1", "tasks_per_node=2",
                                "cpus_per_task=1", "time=10"])
     executor = submitit.SlurmExecutor(folder=tmp_path / "logs")
-    executor.update_parameters(**launch.slurm_parameters(cfg))  # what launch.submit uses
+    executor.update_parameters(**submit.slurm_parameters(cfg))  # what submit.submit uses
     job = executor.submit(rank1_fails_early)
     try:
         # (job.done() asks sacct, and this cluster keeps no accounting: the job has ended when squeue lost it)
         _wait(lambda: not _in_queue(job.job_id), 180, "the job to end after rank 1 failed", job.job_id)
         assert "rank 1 failed before the rendezvous" in str(job.task(1).exception())
-        assert launch.failed_task(job).startswith("task 1 failed: RuntimeError: rank 1 failed")
+        assert submit.failed_task(job)[1].startswith("task 1 failed: RuntimeError: rank 1 failed")
         assert not job.task(0).paths.result_pickle.exists(), "rank 0 passed a rendezvous without rank 1"
     finally:
         subprocess.run(["scancel", job.job_id], capture_output=True, timeout=60)
@@ -187,9 +187,9 @@ def test_preemption_checkpoints_requeues_and_matches_uninterrupted(slurm_two_nod
     steps = 24
     # The uninterrupted reference: the same recipe on 2 ranks in one submission that is never signalled.
     ref_cfg = _recipe(tmp_path / "straight", s3_shards, s3_server.endpoint_url, steps)
-    ref = launch.submit(ref_cfg)
+    ref = submit.submit(ref_cfg)
     cfg = _recipe(tmp_path / "preempted", s3_shards, s3_server.endpoint_url, steps)
-    job = launch.submit(cfg)
+    job = submit.submit(cfg)
     run_dir = Path(cfg.run.dir)
     _wait(lambda: len(_rows(run_dir)) >= 3, 600, "the job to log 3 intervals", job.job_id)
     job._interrupt()  # what Slurm does on preemption: SIGTERM, then USR2 to every task
@@ -225,7 +225,7 @@ def test_requeue_without_signal_resumes_from_latest_checkpoint(slurm_cluster, s3
                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _job_env(s3_server, monkeypatch)
     cfg = _recipe(tmp_path / "requeued", s3_shards, s3_server.endpoint_url, 20, "nodes=1", "tasks_per_node=2")
-    job = launch.submit(cfg)
+    job = submit.submit(cfg)
     run_dir = Path(cfg.run.dir)
     ckpts = run_dir / "checkpoints"
     _wait(lambda: (ckpts / "latest").exists() and len(_rows(run_dir)) >= 5, 600, "a checkpoint", job.job_id)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from waveforge import config, data, diffusion, models, train, wavelet
+from waveforge import config, data, diffusion, models, runtime, steps, wavelet
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["tracking.enabled=false", "eval.every_images=0", "checkpoint.every_images=0", "data.num_workers=0"]
@@ -33,18 +33,10 @@ def torchrun(spec: dict, tmp: Path, nproc: int = 2, timeout: int = 900) -> None:
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   str(Path.home() / ".cache/waveforge/torch_extensions"))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), str(REPO / "tests/train_worker.py"), str(spec_file)]
+           str(runtime.free_port()), str(REPO / "tests/train_worker.py"), str(spec_file)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise AssertionError(f"torchrun failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -65,10 +57,10 @@ def test_zero_reduction_bucket_is_sized_to_the_model() -> None:
     # 20-50 M parameters; the bucket is the model's size, NCCL-aligned, and never above the default.
     common = dict(zero_stage=2, precision="bf16", lr=1e-4, betas=(0.5, 0.9), micro_batch=2, grad_accum=1, world=1,
                   grad_clip=0.0)
-    z = train.ds_config(**common, params=22_626_177)["zero_optimization"]
+    z = steps.ds_config(**common, params=22_626_177)["zero_optimization"]
     assert z["reduce_bucket_size"] == z["allgather_bucket_size"]
     assert 22_626_177 <= z["reduce_bucket_size"] < 22_626_177 + 64 and z["reduce_bucket_size"] % 64 == 0
-    assert train.ds_config(**common, params=10**10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    assert steps.ds_config(**common, params=10**10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
 
 
 def test_zero_stages_and_precisions_train(shards: str, tmp_path: Path) -> None:
@@ -108,7 +100,7 @@ def _plain_step(cfg: config.Recipe, shards: str, world: int) -> tuple[dict, dict
 
     n = cfg.train.batch_size // world
     for r in range(world):  # D step (R1 at step 0)
-        train.seed_phase(cfg.run.seed, 0, r, train.PHASE_D)
+        steps.seed_phase(cfg.run.seed, 0, r, steps.PHASE_D)
         t = torch.randint(0, cfg.diffusion.num_timesteps, (n,))
         z = torch.randn(n, cfg.model.nz)
         loss, _ = diffusion.d_loss(frozen, D, sched, x0[r], t, z, r1_gamma=cfg.train.r1_gamma, do_r1=True)
@@ -116,7 +108,7 @@ def _plain_step(cfg: config.Recipe, shards: str, world: int) -> tuple[dict, dict
     opt_d.step()
     D.requires_grad_(False)
     for r in range(world):
-        train.seed_phase(cfg.run.seed, 0, r, train.PHASE_G)
+        steps.seed_phase(cfg.run.seed, 0, r, steps.PHASE_G)
         t = torch.randint(0, cfg.diffusion.num_timesteps, (n,))
         z = torch.randn(n, cfg.model.nz)
         loss, _ = diffusion.g_loss(G, D, sched, x0[r], t, z, rec_weight=cfg.train.rec_weight)

@@ -12,18 +12,18 @@ import json
 import sys
 from pathlib import Path
 
-from waveforge import config, dist, launch, train
+from waveforge import config, dist, runtime, train
 
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    device = launch.init_distributed("gloo")
+    device = runtime.init_distributed("gloo")
     for run in spec["runs"]:
         cfg = config.load(run["recipe"], run["overrides"])
-        status = train.training_loop(cfg, device=device, stop=launch.StopFlag())
+        status = train.training_loop(cfg, device=device, stop=runtime.StopFlag())
         if dist.rank() == 0:
             (Path(cfg.run.dir) / "status.txt").write_text(status)
-    launch.shutdown()
+    runtime.shutdown()
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ Call order in a trainer (every function marked COLLECTIVE is called by every ran
     engines = {"G": deepspeed.initialize(...), "D": ...}
     state = load(ckpt, engines, ema) if ckpt else fresh                  # COLLECTIVE
     uploader = Uploader(url, storage) if url and rank == 0 else None
-    ... save(run_dir, step, engines, ema, state, keep_last=..., uploader=uploader, url=url) ...  # COLLECTIVE
+    ... save(run_dir, step, engines, ema, state, keep_last=..., uploader=uploader) ...  # COLLECTIVE
     uploader.wait()                                                      # at the end; returns the error count
+
+(`waveforge.checkpointer.Checkpointer` does all of this for the trainer.)
 
 Everything this module writes itself is loaded as data (`torch.load(weights_only=True)`, safetensors);
 DeepSpeed's own shard files are read by DeepSpeed, which uses `torch.load(weights_only=False)` internally:
@@ -37,16 +39,14 @@ only resume from checkpoints you trust.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
 import queue
 import random
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -71,8 +71,6 @@ EMA = "ema.safetensors"
 FORMAT = "waveforge-checkpoint"
 VERSION = 1
 UNIVERSAL_SUFFIX = "_universal"
-# Test hook: seconds every rank sleeps inside save() after its shards are written, before the manifest.
-PAUSE_ENV = "WAVEFORGE_CKPT_TEST_PAUSE_S"
 
 
 class CheckpointError(RuntimeError):
@@ -248,8 +246,7 @@ def _check_plain(obj: Any, where: str = "state") -> None:
 
 
 def save(run_dir: Path, step: int, engines: dict[str, Any], ema: torch.nn.Module, state: dict[str, Any], *,
-         keep_last: int, milestone_every_images: int = 0, url: str = "", storage: StorageConfig | None = None,
-         uploader: Uploader | None = None) -> Path:
+         keep_last: int, milestone_every_images: int = 0, uploader: Uploader | None = None) -> Path:
     """COLLECTIVE: write and publish checkpoint `step-<step>` of `run_dir`; return its path on every rank.
 
     engines: {"G": engine, "D": engine} (names become the engines' folders); ema: the EMA module (identical
@@ -257,14 +254,11 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], ema: torch.nn.Module
     hold "images" when milestone_every_images > 0. After publication, keeps the newest `keep_last`
     complete checkpoints plus milestones (the first checkpoint at or after every multiple of
     milestone_every_images images) and deletes the others (not those still queued for upload).
-    url/uploader: when `url` is set, rank 0 must pass `uploader` (an Uploader for that url); the upload runs
-    in the background. `storage` is accepted for symmetry with find_resume (the Uploader holds its own).
+    uploader: rank 0's Uploader when checkpoints are copied to object storage (its url); the upload runs in
+    the background (None on the other ranks, and without object storage).
     """
-    del storage  # the uploader carries the storage settings
     if keep_last < 1:
         raise ValueError(f"keep_last={keep_last}: must be >= 1")
-    if url and dist.rank() == 0 and (uploader is None or uploader.url != url.rstrip("/")):
-        raise ValueError(f"save(url={url!r}) needs uploader=Uploader({url!r}, storage) on rank 0")
     if milestone_every_images > 0 and "images" not in state:
         raise ValueError("milestone_every_images needs state['images']")
     _check_plain(state)
@@ -275,12 +269,13 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], ema: torch.nn.Module
     sums_dir = root / f".tmp-{step:09d}-sums"  # outside tmp: ranks may still list tmp while others write
 
     # 1. A fresh temporary folder (rank 0 clears leftovers of interrupted saves first).
-    if rank == 0:
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(root)
         (tmp / "rng").mkdir(parents=True)
         sums_dir.mkdir()
-    dist.barrier()
+
+    dist.on_rank0(prepare)
 
     # 2. Every rank writes: the engines' ZeRO partitions (DeepSpeed barriers inside), its RNG states;
     #    rank 0 also the EMA and the state.
@@ -290,9 +285,6 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], ema: torch.nn.Module
     if rank == 0:
         safetensors.torch.save_model(ema, str(tmp / EMA))
         torch.save(state, tmp / STATE)
-    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
-    if pause > 0:
-        time.sleep(pause)
     dist.barrier()
 
     # 3. Hash (and fsync) the files, spread over the ranks; each rank leaves its share in a sums file.
@@ -302,48 +294,49 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], ema: torch.nn.Module
     dist.barrier()
 
     # 4. Rank 0 checks, writes the manifest, publishes, points `latest` at it, prunes, queues the upload.
-    error = None
     final = root / name
-    if rank == 0:
+
+    def publish() -> None:
+        all_sums: dict[str, Any] = {}
+        for r in range(world):
+            all_sums.update(json.loads((sums_dir / f"rank-{r:05d}.json").read_text()))
+        shutil.rmtree(sums_dir)
+        missing = [f"rng/rank-{r:05d}.pt" for r in range(world) if f"rng/rank-{r:05d}.pt" not in all_sums]
+        if sorted(all_sums) != files or missing or not all(t in {f.split("/")[0] for f in files} for t in engines):
+            raise CheckpointError(f"checkpoint {tmp} is incomplete after every rank wrote: "
+                                  f"missing {missing or sorted(set(files) - set(all_sums))}")
+        previous = complete_checkpoints(root)
+        images = int(state.get("images", 0))
+        milestone = False
+        if milestone_every_images > 0:
+            prev = [p for p in previous if _step_of(p.name) < step]
+            prev_images = int(read_manifest(prev[-1]).get("images", 0)) if prev else 0
+            milestone = images // milestone_every_images > prev_images // milestone_every_images
+        manifest = {
+            "format": FORMAT, "version": VERSION, "step": step, "images": images, "world": world,
+            "engines": {t: {"zero_stage": int(e.zero_optimization_stage())} for t, e in engines.items()},
+            "milestone": milestone, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "files": all_sums,
+        }
+        for sub in [p for p in tmp.rglob("*") if p.is_dir()]:
+            _fsync_dir(sub)  # the files' names are durable too (their data was fsynced when hashed)
+        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+        if final.exists():  # re-saving a step (a resume from an older checkpoint): replace it
+            _delete_checkpoint(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(root / LATEST, (name + "\n").encode())
+        if uploader is not None:
+            uploader.submit(final)
+        _prune(root, keep_last, busy=uploader.pending() if uploader is not None else set())
+
+    def publish_or_explain() -> None:
         try:
-            all_sums: dict[str, Any] = {}
-            for r in range(world):
-                all_sums.update(json.loads((sums_dir / f"rank-{r:05d}.json").read_text()))
-            shutil.rmtree(sums_dir)
-            missing = [f"rng/rank-{r:05d}.pt" for r in range(world) if f"rng/rank-{r:05d}.pt" not in all_sums]
-            if sorted(all_sums) != files or missing or not all(t in {f.split("/")[0] for f in files}
-                                                                for t in engines):
-                raise CheckpointError(f"checkpoint {tmp} is incomplete after every rank wrote: "
-                                      f"missing {missing or sorted(set(files) - set(all_sums))}")
-            previous = complete_checkpoints(root)
-            images = int(state.get("images", 0))
-            milestone = False
-            if milestone_every_images > 0:
-                prev = [p for p in previous if _step_of(p.name) < step]
-                prev_images = int(read_manifest(prev[-1]).get("images", 0)) if prev else 0
-                milestone = images // milestone_every_images > prev_images // milestone_every_images
-            manifest = {
-                "format": FORMAT, "version": VERSION, "step": step, "images": images, "world": world,
-                "engines": {t: {"zero_stage": int(e.zero_optimization_stage())} for t, e in engines.items()},
-                "milestone": milestone, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                "files": all_sums,
-            }
-            for sub in [p for p in tmp.rglob("*") if p.is_dir()]:
-                _fsync_dir(sub)  # the files' names are durable too (their data was fsynced when hashed)
-            _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-            if final.exists():  # re-saving a step (a resume from an older checkpoint): replace it
-                _delete_checkpoint(final)
-            os.rename(tmp, final)
-            _fsync_dir(root)
-            _write_atomic(root / LATEST, (name + "\n").encode())
-            if uploader is not None:
-                uploader.submit(final)
-            _prune(root, keep_last, busy=uploader.pending() if uploader is not None else set())
-        except Exception as e:  # noqa: BLE001 - every rank must learn about it, not hang
-            error = f"{type(e).__name__}: {e}"
-    error = dist.broadcast_object(error)
-    if error:
-        raise CheckpointError(f"saving checkpoint {name} failed on rank 0: {error}")
+            publish()
+        except OSError as e:
+            raise CheckpointError(f"saving checkpoint {name} failed: {type(e).__name__}: {e}") from e
+
+    dist.on_rank0(publish_or_explain)  # every rank learns of a failure, none waits for rank 0
     return final
 
 
@@ -579,16 +572,16 @@ def find_resume(run_dir: Path, resume: str, url: str = "", storage: StorageConfi
     a checkpoints folder, or a URL of either (downloaded); CheckpointError when missing or incomplete.
     Rank 0 decides and downloads; the others wait for the answer. Also removes `.tmp-*` leftovers.
     """
-    answer: tuple[str | None, str | None] = (None, None)
-    if dist.rank() == 0:
+    def decide() -> str | None:
         try:
             found = _find_resume_rank0(Path(run_dir), resume, url, storage)
-            answer = (str(found) if found is not None else None, None)
-        except Exception as e:  # noqa: BLE001 - every rank raises the same error
-            answer = (None, f"{type(e).__name__}: {e}")
-    path, error = dist.broadcast_object(answer)
-    if error:
-        raise CheckpointError(f"cannot resume from {resume!r}: {error}")
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot resume from {resume!r}: {e}") from e
+        except OSError as e:  # storage unreachable, denied, ...
+            raise CheckpointError(f"cannot resume from {resume!r}: {type(e).__name__}: {e}") from e
+        return str(found) if found is not None else None
+
+    path = dist.on_rank0(decide)
     return Path(path) if path is not None else None
 
 
@@ -600,38 +593,31 @@ def needs_universal(ckpt: Path, world: int) -> bool:
 def prepare_universal(ckpt: Path) -> None:
     """COLLECTIVE: rank 0 converts each engine's folder to DeepSpeed's universal format (`<tag>_universal`,
     next to it, cached: done once per checkpoint); the other ranks wait. Raises on every rank on failure."""
-    error = None
-    if dist.rank() == 0:
-        try:
-            for tag in read_manifest(ckpt)["engines"]:
-                _convert_universal(Path(ckpt), tag)
-        except Exception as e:  # noqa: BLE001 - every rank raises the same error
-            error = f"{type(e).__name__}: {e}"
-    error = dist.broadcast_object(error)
-    if error:
-        raise CheckpointError(f"converting {ckpt} to the universal format failed: {error}")
+    def convert() -> None:
+        for tag in read_manifest(ckpt)["engines"]:
+            _convert_universal(Path(ckpt), tag)
+
+    dist.on_rank0(convert)
 
 
 def _convert_universal(ckpt: Path, tag: str) -> None:
+    """DeepSpeed's own converter (`python -m deepspeed.checkpoint.ds_to_universal`, its public command line) in
+    a child process: a process pool forked from a trainer that holds NCCL/gloo state is not safe, and the
+    conversion's memory is returned when it ends."""
     out = ckpt / f"{tag}{UNIVERSAL_SUFFIX}"
     if (out / ".complete").is_file():
         return
     tmp = ckpt / f".tmp-{tag}{UNIVERSAL_SUFFIX}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    # In this process, sequentially (1 worker: no process pool forked from a process holding NCCL/gloo).
-    from deepspeed.checkpoint import ds_to_universal
-
-    args = argparse.Namespace(input_folder=str(ckpt / tag), output_folder=str(tmp), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)  # ZeRO-1/2 checkpoints lack the universal info
-    out_log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out_log), contextlib.redirect_stderr(out_log):
-            ds_to_universal.main(args)
-    except Exception as e:
-        raise CheckpointError(f"ds_to_universal {ckpt / tag} failed: {type(e).__name__}: {e}\n"
-                              f"{out_log.getvalue()[-3000:]}") from e
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]  # ZeRO-1/2 checkpoints lack the universal info
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}  # no GPU needed to convert
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise CheckpointError(f"ds_to_universal {ckpt / tag} failed (exit {r.returncode}):\n"
+                              f"{(r.stdout + r.stderr)[-3000:]}")
     (ckpt / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer (ZeRO-3); tags are explicit
     (tmp / ".complete").write_text("ok\n")
     os.rename(tmp, out)
@@ -645,6 +631,17 @@ def ds_config_patch(ckpt: Path, world: int) -> dict[str, Any]:
         return {}
     prepare_universal(ckpt)
     return {"checkpoint": {"load_universal": True}}
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    """The trainer's state dict of a checkpoint (plain data, loaded with weights_only=True): counters, loader
+    position, recipe, run id. Cheap: read it to check a checkpoint before loading any weight."""
+    try:
+        return torch.load(Path(ckpt) / STATE, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt} is not a checkpoint: no {STATE}") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise CheckpointError(f"{Path(ckpt) / STATE}: unreadable ({type(e).__name__}: {e})") from e
 
 
 def load(ckpt: Path, engines: dict[str, Any], ema: torch.nn.Module) -> dict[str, Any]:
@@ -673,7 +670,7 @@ def load(ckpt: Path, engines: dict[str, Any], ema: torch.nn.Module) -> dict[str,
                               f"unexpected {unexpected[:5]}")
     if not universal:
         _set_rng_state(torch.load(ckpt / "rng" / f"rank-{dist.rank():05d}.pt", weights_only=True))
-    state = torch.load(ckpt / STATE, weights_only=True)
+    state = read_state(ckpt)
     dist.barrier()
     return state
 
@@ -727,7 +724,7 @@ def _pick_name(checkpoint: str) -> str:
 
 def _write_export(ckpt: Path, out: Path, source: str) -> Path:
     m = read_manifest(ckpt)
-    state = torch.load(ckpt / STATE, weights_only=True)
+    state = read_state(ckpt)
     recipe = state.get("recipe")
     if not isinstance(recipe, dict) or "model" not in recipe or "diffusion" not in recipe:
         raise CheckpointError(f"{ckpt / STATE}: no recipe with model and diffusion sections")

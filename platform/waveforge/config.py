@@ -20,6 +20,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,51 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
+# Field rules: each field validates by itself, and its error names that field
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a field's value must satisfy, said to the user, and a value that breaks it (for the tests)."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+    bad: Any
+
+
+def at_least(lo: float, note: str = "") -> Rule:
+    return Rule(lambda v: v >= lo, f">= {lo}{note}", lo - 1)
+
+
+def above(lo: float, note: str = "") -> Rule:
+    return Rule(lambda v: v > lo, f"> {lo}{note}", lo)
+
+
+def between(lo: float, hi: float, *, hi_open: bool = False, lo_open: bool = False, note: str = "") -> Rule:
+    def ok(v: Any) -> bool:
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    text = f"{lo} {'<' if lo_open else '<='} value {'<' if hi_open else '<='} {hi}{note}"
+    return Rule(ok, text, hi + 1)
+
+
+def one_of(*values: Any, note: str = "") -> Rule:
+    return Rule(lambda v: v in values, f"one of {', '.join(map(str, values))}{note}", max(values) + 1)
+
+
+POWER_OF_TWO = Rule(lambda v: v >= 8 and v & (v - 1) == 0, "a power of two >= 8", 48)
+POSITIVE_LIST = Rule(lambda v: len(v) >= 1 and all(x >= 1 for x in v), "a non-empty list of integers >= 1", [])
+
+
+def _field(default: Any, rule: Rule | None = None) -> Any:
+    meta = {"rule": rule} if rule is not None else {}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------------
 # The schema. Defaults are the reference WaveDiff CelebA-HQ 256 settings unless a comment says else.
 # --------------------------------------------------------------------------------------------------
 
@@ -44,46 +90,46 @@ class RunConfig:
     name: str = ""  # run name; "" = <UTC time YYYYmmdd-HHMMSS> chosen once at start/submission
     dir: str = ""  # run folder; "" = runs/<recipe>/<name>. Everything the run writes locally goes here.
     seed: int = 0  # the run is a function of (recipe, seed)
-    resume: str = "auto"  # auto: continue from the run folder's latest checkpoint; never; or a checkpoint path/URL
+    resume: str = _field("auto", Rule(lambda v: bool(v.strip()), "auto, never, or a checkpoint path/URL", " "))
 
 
 @dataclass
 class ModelConfig:
     family: Literal["wavediff", "edm"] = "wavediff"  # diffusion GAN (G + D) or EDM-preconditioned denoiser (one net)
-    resolution: int = 256  # image size in pixels (the generator works at resolution/2 in wavelet space)
-    channels: int = 3  # image channels (x4 subbands in wavelet space)
+    resolution: int = _field(256, POWER_OF_TWO)  # image size in pixels (the generator works at resolution/2)
+    channels: int = _field(3, at_least(1))  # image channels (x4 subbands in wavelet space)
     generator: Literal["wavelet", "ncsnpp"] = "wavelet"  # wavelet NCSN++ (WaveDiff) or plain NCSN++ on subbands
-    nf: int = 64  # base channel count of the generator (reference: num_channels_dae)
-    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2, 4])
-    num_res_blocks: int = 2
-    attn_resolutions: list[int] = field(default_factory=lambda: [16])  # feature-map sizes with attention
-    dropout: float = 0.0
-    nz: int = 100  # latent z dimension
-    z_emb_dim: int = 256  # mapping network width
-    t_emb_dim: int = 256  # discriminator time-embedding width
-    n_mlp: int = 3  # mapping network depth
-    patch_size: int = 1  # pixel-unshuffle patch size at the generator's input (2 for 1024 px)
+    nf: int = _field(64, at_least(1))  # base channel count of the generator (reference: num_channels_dae)
+    ch_mult: list[int] = _field([1, 2, 2, 2, 4], POSITIVE_LIST)
+    num_res_blocks: int = _field(2, at_least(1))
+    attn_resolutions: list[int] = _field([16])  # feature-map sizes with attention
+    dropout: float = _field(0.0, between(0, 1, hi_open=True))
+    nz: int = _field(100, at_least(1))  # latent z dimension
+    z_emb_dim: int = _field(256, at_least(1))  # mapping network width
+    t_emb_dim: int = _field(256, at_least(1))  # discriminator time-embedding width
+    n_mlp: int = _field(3, at_least(1))  # mapping network depth
+    patch_size: int = _field(1, one_of(1, 2, 4))  # pixel-unshuffle patch size at the generator's input (2 at 1024 px)
     wavelet_updown: bool = True  # frequency-aware down/up-sampling residual blocks (ablation: False)
     input_pyramid: bool = True  # wavelet residual input pyramid (ablation: False)
     freq_bottleneck: bool = True  # frequency bottleneck block (ablation: False)
-    d_nf: int = 64  # discriminator base channels (reference: ngf)
-    d_layers: int = 5  # discriminator down blocks: 3-4 = small variant, 5-6 = large variant
+    d_nf: int = _field(64, at_least(1))  # discriminator base channels (reference: ngf)
+    d_layers: int = _field(5, at_least(2))  # discriminator down blocks: 3-4 = small variant, 5-6 = large variant
 
 
 @dataclass
 class DiffusionConfig:
-    num_timesteps: int = 2  # T: denoising steps of the diffusion GAN
-    beta_min: float = 0.1  # VP schedule (also the EDM family's VP preconditioning: beta_d = beta_max - beta_min)
-    beta_max: float = 20.0
+    num_timesteps: int = _field(2, between(1, 1000))  # T: denoising steps of the diffusion GAN
+    beta_min: float = _field(0.1, above(0))  # VP schedule (EDM family's VP precond: beta_d = beta_max - beta_min)
+    beta_max: float = _field(20.0, above(0))
     use_geometric: bool = False  # geometric (VE-like) schedule instead of VP
     # The EDM family (model.family=edm; Karras et al. 2022), in the orthonormal Haar space.
     precond: Literal["edm", "vp"] = "edm"  # EDM or VP (DDPM++) preconditioning and training loss
-    sigma_data: float = 0.5  # EDM: expected data standard deviation
-    sigma_min: float = 0.002  # the noise levels the denoiser supports (sampling is clipped to them)
-    sigma_max: float = 80.0
+    sigma_data: float = _field(0.5, above(0))  # EDM: expected data standard deviation
+    sigma_min: float = _field(0.002, above(0))  # the noise levels the denoiser supports (sampling is clipped to them)
+    sigma_max: float = _field(80.0, above(0))
     p_mean: float = -1.2  # EDM loss: ln(sigma) ~ N(p_mean, p_std^2)
-    p_std: float = 1.2
-    epsilon_t: float = 1e-5  # VP loss: t ~ U(epsilon_t, 1)
+    p_std: float = _field(1.2, above(0))
+    epsilon_t: float = _field(1e-5, between(0, 1, lo_open=True, hi_open=True))  # VP loss: t ~ U(epsilon_t, 1)
 
 
 @dataclass
@@ -91,28 +137,28 @@ class SamplerConfig:
     """How the EDM family samples (evaluation, grids, jobs/sample.py, jobs/sweep_samplers.py)."""
 
     name: Literal["heun", "euler", "edm_stochastic", "generalized", "fastdpm", "pc"] = "heun"
-    steps: int = 18  # time steps N (heun: 2N-1 network calls; fastdpm: S; pc: predictor steps)
-    rho: float = 7.0  # EDM time-step exponent
-    sigma_min: float = 0.0  # 0 = diffusion.sigma_min
-    sigma_max: float = 0.0  # 0 = diffusion.sigma_max
-    s_churn: float = 0.0  # edm_stochastic / generalized: EDM's S_churn, S_min, S_max, S_noise
+    steps: int = _field(18, at_least(1))  # time steps N (heun: 2N-1 network calls; fastdpm: S; pc: predictor steps)
+    rho: float = _field(7.0, above(0))  # EDM time-step exponent
+    sigma_min: float = _field(0.0, at_least(0, " (0 = diffusion.sigma_min)"))
+    sigma_max: float = _field(0.0, at_least(0, " (0 = diffusion.sigma_max)"))
+    s_churn: float = _field(0.0, at_least(0))  # edm_stochastic / generalized: EDM's S_churn, S_min, S_max, S_noise
     s_min: float = 0.0
     s_max: float = math.inf
-    s_noise: float = 1.0
+    s_noise: float = _field(1.0, above(0))
     solver: Literal["heun", "euler"] = "heun"  # generalized sampler
     discretization: Literal["edm", "vp", "ve", "iddpm"] = "edm"  # generalized sampler
     sigma_schedule: Literal["linear", "vp", "ve"] = "linear"  # generalized sampler: sigma(t)
     scaling: Literal["none", "vp"] = "none"  # generalized sampler: s(t)
     schedule: Literal["var", "step"] = "step"  # fastdpm: noise-level (VAR) or step (STEP) schedule
     spacing: Literal["linear", "quadratic"] = "quadratic"  # fastdpm schedule spacing
-    kappa: float = 0.0  # fastdpm: 1 = DDPM-rev, 0 = DDIM-rev
+    kappa: float = _field(0.0, between(0, 1, note=" (0 = DDIM-rev, 1 = DDPM-rev)"))  # fastdpm
     allow_infeasible: bool = False  # fastdpm VAR: too few steps to reach the last noise level -> start lower (official)
-    corrector_steps: int = 1  # pc: Langevin corrector steps per noise level
-    snr: float = 0.16  # pc: Langevin signal-to-noise ratio
+    corrector_steps: int = _field(1, at_least(0))  # pc: Langevin corrector steps per noise level
+    snr: float = _field(0.16, above(0))  # pc: Langevin signal-to-noise ratio
     noise_filter: Literal["none", "tdas", "pds"] = "none"  # space-frequency filtered noise (pds: also the drift)
-    filter_alpha: float = 5.0  # filter strength: values in [1, alpha/(alpha-1)]
+    filter_alpha: float = _field(5.0, above(1))  # filter strength: values in [1, alpha/(alpha-1)]
     filter_source: Literal["data", "gap"] = "data"  # data spectrum, or the generated-vs-real spectrum gap (TDAS)
-    filter_samples: int = 512  # images used to estimate the filters
+    filter_samples: int = _field(512, at_least(2))  # images used to estimate the filters
     filter_path: str = ""  # filters file ("" = noise_filters-<source>.pt in the run folder, estimated once)
 
 
@@ -120,13 +166,13 @@ class SamplerConfig:
 class DataConfig:
     url: str = ""  # shard folder / manifest: plain path, file://, s3://bucket/prefix, gs://...
     synthetic_if_missing: bool = False  # embedded default: draw synthetic shards there if none exist
-    synthetic_samples: int = 2048  # size of that synthetic set
-    num_workers: int = 2  # DataLoader workers per rank
-    shuffle_buffer: int = 1000  # mixing window: samples permuted together across consecutive shards (0 = in-shard only)
+    synthetic_samples: int = _field(2048, at_least(1))  # size of that synthetic set
+    num_workers: int = _field(2, at_least(0))  # loader worker processes per rank
+    shuffle_buffer: int = _field(1000, at_least(0))  # samples permuted together across shards (0 = in-shard only)
     hflip: bool = True  # random horizontal flip augmentation
     cache_dir: str = ""  # local cache of downloaded shards ("" = none)
     on_error: Literal["skip", "fail"] = "skip"  # corrupt sample / missing shard: skip and count, or stop
-    retries: int = 5  # read retries with exponential backoff on transient storage errors
+    retries: int = _field(5, at_least(0))  # read retries with exponential backoff on transient storage errors
 
 
 @dataclass
@@ -139,56 +185,57 @@ class StorageConfig:
 
 @dataclass
 class TrainConfig:
-    total_images: int = 500 * 30_000  # training length in images (reference: epochs x dataset size)
-    max_steps: int = 0  # stop after this many iterations (0 = run to total_images); smoke runs, tests
-    batch_size: int = 64  # GLOBAL batch per optimizer step (per-GPU batch x GPUs x grad_accum)
-    lr_g: float = 2e-4
-    lr_d: float = 1e-4
-    lr_min: float = 1e-5  # cosine schedule floor (reference)
+    total_images: int = _field(500 * 30_000, at_least(1))  # training length in images (reference: epochs x set size)
+    max_steps: int = _field(0, at_least(0, " (0 = no limit)"))  # stop after this many iterations; smoke runs, tests
+    batch_size: int = _field(64, at_least(1))  # GLOBAL batch per optimizer step (per-GPU batch x GPUs x grad_accum)
+    lr_g: float = _field(2e-4, between(0, 1, lo_open=True, hi_open=True))
+    lr_d: float = _field(1e-4, between(0, 1, lo_open=True, hi_open=True))
+    lr_min: float = _field(1e-5, at_least(0))  # cosine schedule floor (reference); <= lr_g, lr_d
     lr_schedule: Literal["cosine", "constant"] = "cosine"
-    lr_warmup_images: int = 0  # linear learning-rate ramp over the first images (EDM: 10M)
-    beta1: float = 0.5  # Adam
-    beta2: float = 0.9
-    r1_gamma: float = 2.0  # R1 penalty weight (gamma/2 * E|grad D(real)|^2)
-    lazy_reg: int = 10  # R1 every this many D steps
-    rec_weight: float = 1.0  # L1 reconstruction of x0 in wavelet space
-    ema_decay: float = 0.9999
-    ema_warmup_images: int = 0  # EMA half-life ramp over the first images (0 = the reference's fixed decay)
-    grad_clip: float = 0.0  # global gradient-norm clip (0 = off)
-    log_every_images: int = 10_000  # metrics interval
+    lr_warmup_images: int = _field(0, at_least(0))  # linear learning-rate ramp over the first images (EDM: 10M)
+    beta1: float = _field(0.5, between(0, 1, hi_open=True))  # Adam
+    beta2: float = _field(0.9, between(0, 1, hi_open=True))
+    r1_gamma: float = _field(2.0, at_least(0))  # R1 penalty weight (gamma/2 * E|grad D(real)|^2)
+    lazy_reg: int = _field(10, at_least(1))  # R1 every this many D steps
+    rec_weight: float = _field(1.0, at_least(0))  # L1 reconstruction of x0 in wavelet space
+    ema_decay: float = _field(0.9999, between(0, 1, hi_open=True))
+    ema_warmup_images: int = _field(0, at_least(0))  # EMA half-life ramp over the first images (0 = fixed decay)
+    grad_clip: float = _field(0.0, at_least(0, " (0 = off)"))  # global gradient-norm clip
+    log_every_images: int = _field(10_000, at_least(1))  # metrics interval
 
 
 @dataclass
 class DistConfig:
-    zero_stage_g: int = 2  # DeepSpeed ZeRO stage of the generator engine (0-3)
-    zero_stage_d: int = 2  # of the discriminator engine (0-2: R1 double backward fails at ZeRO-3)
+    zero_stage_g: int = _field(2, one_of(0, 1, 2, 3))  # DeepSpeed ZeRO stage of the generator engine
+    zero_stage_d: int = _field(2, one_of(0, 1, 2, note=" (the discriminator's R1 double backward fails on "
+                                                       "ZeRO-3-sharded parameters)"))
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    grad_accum: int = 0  # gradient accumulation steps (0 = 1, or what the global batch needs)
+    grad_accum: int = _field(1, at_least(1))  # gradient accumulation steps: micro-batch = batch / (ranks x grad_accum)
     activation_checkpointing: bool = False  # recompute generator activations in backward (512/1024 px)
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto = nccl on CUDA, gloo on CPU
 
 
 @dataclass
 class CheckpointConfig:
-    every_images: int = 500_000  # save interval
-    keep_last: int = 3  # complete checkpoints kept locally
-    milestone_every_images: int = 0  # also keep every checkpoint at multiples of this (0 = none)
+    every_images: int = _field(500_000, at_least(0, " (0 = only at the end and on a stop)"))  # save interval
+    keep_last: int = _field(3, at_least(1))  # complete checkpoints kept locally
+    milestone_every_images: int = _field(0, at_least(0))  # also keep every checkpoint at multiples of this (0 = none)
     url: str = ""  # object-storage copy (s3://bucket/prefix/...; "" = local only); uploaded in the background
-    remote_keep_last: int = 0  # complete checkpoints kept at `url` (milestones always; 0 = keep all)
+    remote_keep_last: int = _field(0, at_least(0, " (0 = keep all)"))  # kept at `url` (milestones always)
 
 
 @dataclass
 class EvalConfig:
-    every_images: int = 2_000_000  # periodic FID/KID + sample grid (0 = never during training)
-    num_samples: int = 10_000  # generated images for FID (and real images for the reference statistics)
-    batch_size: int = 50  # per-rank generation / feature batch
+    every_images: int = _field(2_000_000, at_least(0, " (0 = never)"))  # periodic FID/KID + sample grid
+    num_samples: int = _field(10_000, at_least(2))  # generated images for FID (and real images for the reference)
+    batch_size: int = _field(50, at_least(1))  # per-rank generation / feature batch
     mode: Literal["clean", "legacy_pytorch", "legacy_tensorflow"] = "clean"  # clean-fid feature mode
     kid: bool = True
-    feature_extractor: str = ""  # "module:callable" replacing Inception (clean-fid custom_feat_extractor)
+    feature_extractor: str = _field("", Rule(lambda v: not v or ":" in v, "module:callable", "x"))  # replaces Inception
     inception_path: str = ""  # local Inception weights for offline clusters ("" = clean-fid's download)
-    grid_size: int = 64  # images in the fixed-seed sample grid
-    kid_subsets: int = 100  # KID: random subsets averaged (clean-fid's kernel_distance)
-    kid_subset_size: int = 1000  # KID: images per subset (at most num_samples)
+    grid_size: int = _field(64, at_least(1))  # images in the fixed-seed sample grid
+    kid_subsets: int = _field(100, at_least(1))  # KID: random subsets averaged (clean-fid's kernel_distance)
+    kid_subset_size: int = _field(1000, at_least(2))  # KID: images per subset (at most num_samples)
     reference_url: str = ""  # folder of cached reference statistics ("" = fid-stats/ next to the data manifest)
 
 
@@ -202,10 +249,10 @@ class TrackingConfig:
 @dataclass
 class ClusterConfig:
     backend: Literal["auto", "slurm", "local"] = "auto"  # auto: slurm when sbatch is on PATH, else local
-    nodes: int = 1
-    gpus_per_node: int = 1  # one task per GPU
-    tasks_per_node: int = 0  # CPU-only cluster: tasks per node (0 = gpus_per_node)
-    cpus_per_task: int = 8
+    nodes: int = _field(1, at_least(1))
+    gpus_per_node: int = _field(1, at_least(0))  # one task per GPU
+    tasks_per_node: int = _field(0, at_least(0, " (0 = gpus_per_node)"))  # CPU-only cluster: tasks per node
+    cpus_per_task: int = _field(8, at_least(1))
     mem: str = ""  # per node, e.g. 400G ("" = the partition's default)
     partition: str = ""
     account: str = ""
@@ -213,8 +260,8 @@ class ClusterConfig:
     time: str = "24:00:00"  # HH:MM:SS, D-HH:MM:SS or minutes
     constraint: str = ""
     exclude: str = ""
-    signal_delay_s: int = 120  # USR2 this long before the time limit: checkpoint, then requeue
-    max_requeue: int = 20  # preemptions / time-outs before giving up
+    signal_delay_s: int = _field(120, at_least(0))  # USR2 this long before the time limit: checkpoint, then requeue
+    max_requeue: int = _field(20, at_least(0))  # preemptions / time-outs before giving up
 
 
 @dataclass
@@ -389,13 +436,6 @@ def set_key(cfg: Recipe, key: str, value: Any) -> None:
             obj = getattr(obj, part)
 
 
-def get_key(cfg: Recipe, key: str) -> Any:
-    obj: Any = cfg
-    for part in ALIASES.get(key, key).split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -474,7 +514,10 @@ def split_override(text: str) -> tuple[str, Any]:
 def from_dict(d: dict[str, Any]) -> Recipe:
     """Rebuild a Recipe from `to_dict` output (a saved run's recipe.yaml); validates."""
     cfg = Recipe()
-    for k, v in _flatten(d).items():
+    flat_d = _flatten(d)
+    if flat_d.get("dist.grad_accum") == 0:  # saved before its default became 1 (0 then meant 1)
+        flat_d["dist.grad_accum"] = 1
+    for k, v in flat_d.items():
         set_key(cfg, k, v)
     validate(cfg)
     return cfg
@@ -490,85 +533,49 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is out of range: {allowed}")
 
 
+def field_rules(cls: type = Recipe, prefix: str = "") -> dict[str, Rule]:
+    """Every field's own rule, by dotted key."""
+    out: dict[str, Rule] = {}
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(field_rules(hints[f.name], f"{prefix}{f.name}."))
+        elif "rule" in f.metadata:
+            out[prefix + f.name] = f.metadata["rule"]
+    return out
+
+
+def _get(cfg: Recipe, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def validate(cfg: Recipe) -> None:
-    m, d, t, ds, c = cfg.model, cfg.diffusion, cfg.train, cfg.dist, cfg.cluster
-    _check(m.resolution >= 8 and m.resolution & (m.resolution - 1) == 0, "model.resolution", m.resolution,
-           "a power of two >= 8")
-    _check(m.channels >= 1, "model.channels", m.channels, ">= 1")
-    _check(m.nf >= 1, "model.nf", m.nf, ">= 1")
-    _check(len(m.ch_mult) >= 1 and all(x >= 1 for x in m.ch_mult), "model.ch_mult", m.ch_mult,
-           "a non-empty list of integers >= 1")
-    _check(m.num_res_blocks >= 1, "model.num_res_blocks", m.num_res_blocks, ">= 1")
-    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "0 <= dropout < 1")
-    _check(m.nz >= 1 and m.z_emb_dim >= 1 and m.t_emb_dim >= 1, "model.nz", m.nz, "nz, z_emb_dim, t_emb_dim >= 1")
-    _check(m.n_mlp >= 1, "model.n_mlp", m.n_mlp, ">= 1")
-    _check(m.patch_size in (1, 2, 4), "model.patch_size", m.patch_size, "1, 2 or 4")
+    """ConfigError naming the first field that is out of range: each field by its own rule (in schema
+    order), then the rules that relate two fields (naming the field they constrain)."""
+    for key, rule in field_rules().items():
+        value = _get(cfg, key)
+        _check(rule.ok(value), key, value, rule.allowed)
+    m, d, t, c, sp = cfg.model, cfg.diffusion, cfg.train, cfg.cluster, cfg.sampler
     g_res = m.resolution // 2 // m.patch_size
-    _check(g_res % (2 ** (len(m.ch_mult) - 1)) == 0 and g_res // 2 ** (len(m.ch_mult) - 1) >= 2, "model.ch_mult",
-           m.ch_mult, f"at most {max(1, (g_res // 2).bit_length())} levels for a {g_res} px generator input")
+    levels = len(m.ch_mult)
+    _check(g_res % (2 ** (levels - 1)) == 0 and g_res // 2 ** (levels - 1) >= 2, "model.ch_mult", m.ch_mult,
+           f"at most {max(1, (g_res // 2).bit_length())} levels for a {g_res} px generator input "
+           f"(model.resolution={m.resolution}, model.patch_size={m.patch_size})")
     if m.family == "wavediff":  # the EDM family has no discriminator
-        _check(m.d_layers >= 2 and m.resolution // 2 // 2 ** m.d_layers >= 1, "model.d_layers", m.d_layers,
-               f"2 <= d_layers <= {max(2, (m.resolution // 2).bit_length() - 1)} at {m.resolution} px")
-    _check(m.d_nf >= 1, "model.d_nf", m.d_nf, ">= 1")
-    _check(1 <= d.num_timesteps <= 1000, "diffusion.num_timesteps", d.num_timesteps, "1..1000")
-    _check(0 < d.beta_min < d.beta_max, "diffusion.beta_min", d.beta_min, "0 < beta_min < beta_max")
-    _check(0 < d.sigma_min < d.sigma_max, "diffusion.sigma_min", d.sigma_min, "0 < sigma_min < sigma_max")
-    _check(d.sigma_data > 0 and d.p_std > 0, "diffusion.sigma_data", d.sigma_data, "sigma_data, p_std > 0")
-    _check(0 < d.epsilon_t < 1, "diffusion.epsilon_t", d.epsilon_t, "0 < epsilon_t < 1")
-    sp = cfg.sampler
-    _check(sp.steps >= 1, "sampler.steps", sp.steps, ">= 1")
-    _check(sp.sigma_min >= 0 and sp.sigma_max >= 0, "sampler.sigma_min", sp.sigma_min, ">= 0 (0 = diffusion's)")
-    _check(sp.rho > 0 and sp.s_noise > 0 and sp.s_churn >= 0, "sampler.rho", sp.rho, "rho, s_noise > 0, s_churn >= 0")
-    _check(0 <= sp.kappa <= 1, "sampler.kappa", sp.kappa, "0 <= kappa <= 1 (0 = DDIM-rev, 1 = DDPM-rev)")
-    _check(sp.corrector_steps >= 0 and sp.snr > 0, "sampler.corrector_steps", sp.corrector_steps, ">= 0, snr > 0")
-    _check(sp.filter_alpha > 1, "sampler.filter_alpha", sp.filter_alpha, "> 1")
-    _check(sp.filter_samples >= 2, "sampler.filter_samples", sp.filter_samples, ">= 2")
+        _check(m.resolution // 2 // 2 ** m.d_layers >= 1, "model.d_layers", m.d_layers,
+               f"<= {max(2, (m.resolution // 2).bit_length() - 1)} at model.resolution={m.resolution}")
+    _check(d.beta_min < d.beta_max, "diffusion.beta_min", d.beta_min, f"< diffusion.beta_max={d.beta_max}")
+    _check(d.sigma_min < d.sigma_max, "diffusion.sigma_min", d.sigma_min, f"< diffusion.sigma_max={d.sigma_max}")
     _check(sp.noise_filter != "pds" or sp.name == "pc", "sampler.noise_filter", sp.noise_filter,
-           "tdas or none with sampler=" + sp.name + " (pds preconditions the drift of sampler=pc)")
-    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
-    _check(t.total_images >= 1, "train.total_images", t.total_images, ">= 1")
-    _check(t.max_steps >= 0, "train.max_steps", t.max_steps, ">= 0 (0 = no limit)")
-    for k in ("lr_g", "lr_d"):
-        _check(0 < getattr(t, k) < 1, f"train.{k}", getattr(t, k), "0 < lr < 1")
-    _check(0 <= t.lr_min <= min(t.lr_g, t.lr_d), "train.lr_min", t.lr_min, "0 <= lr_min <= lr_g, lr_d")
-    _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1", t.beta1, "0 <= beta1, beta2 < 1")
-    _check(t.r1_gamma >= 0, "train.r1_gamma", t.r1_gamma, ">= 0")
-    _check(t.lazy_reg >= 1, "train.lazy_reg", t.lazy_reg, ">= 1")
-    _check(t.rec_weight >= 0, "train.rec_weight", t.rec_weight, ">= 0")
-    _check(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "0 <= ema_decay < 1")
-    _check(t.ema_warmup_images >= 0 and t.grad_clip >= 0, "train.ema_warmup_images", t.ema_warmup_images, ">= 0")
-    _check(t.lr_warmup_images >= 0, "train.lr_warmup_images", t.lr_warmup_images, ">= 0")
-    _check(t.log_every_images >= 1, "train.log_every_images", t.log_every_images, ">= 1")
-    _check(ds.zero_stage_g in (0, 1, 2, 3), "dist.zero_stage_g", ds.zero_stage_g, "0, 1, 2 or 3")
-    _check(ds.zero_stage_d in (0, 1, 2), "dist.zero_stage_d", ds.zero_stage_d,
-           "0, 1 or 2 (the discriminator's R1 double backward fails on ZeRO-3-sharded parameters)")
-    _check(ds.grad_accum >= 0, "dist.grad_accum", ds.grad_accum, ">= 0 (0 = automatic)")
-    _check(cfg.data.num_workers >= 0 and cfg.data.shuffle_buffer >= 0, "data.num_workers", cfg.data.num_workers,
-           ">= 0")
-    _check(cfg.data.retries >= 0, "data.retries", cfg.data.retries, ">= 0")
-    _check(cfg.data.synthetic_samples >= 1, "data.synthetic_samples", cfg.data.synthetic_samples, ">= 1")
-    _check(cfg.checkpoint.every_images >= 0, "checkpoint.every_images", cfg.checkpoint.every_images, ">= 0")
-    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
-    _check(cfg.checkpoint.remote_keep_last >= 0, "checkpoint.remote_keep_last", cfg.checkpoint.remote_keep_last,
-           ">= 0 (0 = keep all)")
-    _check(cfg.eval.every_images >= 0, "eval.every_images", cfg.eval.every_images, ">= 0 (0 = never)")
-    _check(cfg.eval.num_samples >= 2, "eval.num_samples", cfg.eval.num_samples, ">= 2")
-    _check(cfg.eval.batch_size >= 1 and cfg.eval.grid_size >= 1, "eval.batch_size", cfg.eval.batch_size, ">= 1")
-    _check(cfg.eval.kid_subsets >= 1, "eval.kid_subsets", cfg.eval.kid_subsets, ">= 1")
-    _check(cfg.eval.kid_subset_size >= 2, "eval.kid_subset_size", cfg.eval.kid_subset_size, ">= 2")
-    if cfg.eval.feature_extractor:
-        _check(":" in cfg.eval.feature_extractor, "eval.feature_extractor", cfg.eval.feature_extractor,
-               "module:callable")
-    _check(c.nodes >= 1, "cluster.nodes", c.nodes, ">= 1")
-    _check(c.gpus_per_node >= 0, "cluster.gpus_per_node", c.gpus_per_node, ">= 0")
-    _check(c.tasks_per_node >= 0, "cluster.tasks_per_node", c.tasks_per_node, ">= 0 (0 = gpus_per_node)")
+           f"tdas or none with sampler={sp.name} (pds preconditions the drift of sampler=pc)")
+    _check(t.lr_min <= min(t.lr_g, t.lr_d), "train.lr_min", t.lr_min,
+           f"<= train.lr_g={t.lr_g} and train.lr_d={t.lr_d}")
     _check(c.gpus_per_node >= 1 or c.tasks_per_node >= 1, "cluster.gpus_per_node", c.gpus_per_node,
            ">= 1, or set cluster.tasks_per_node for a CPU-only cluster")
-    _check(c.cpus_per_task >= 1, "cluster.cpus_per_task", c.cpus_per_task, ">= 1")
-    _check(c.signal_delay_s >= 0 and c.max_requeue >= 0, "cluster.signal_delay_s", c.signal_delay_s, ">= 0")
-    time_limit_minutes(c.time)  # raises on a bad format
-    if cfg.run.resume not in ("auto", "never"):
-        _check(bool(cfg.run.resume.strip()), "run.resume", cfg.run.resume, "auto, never, or a checkpoint path/URL")
+    time_limit_minutes(c.time)  # raises on a bad format, naming cluster.time
 
 
 def time_limit_minutes(text: str) -> int:
@@ -614,11 +621,16 @@ def data_streams(global_batch: int) -> int:
     return math.gcd(int(global_batch), MAX_DATA_STREAMS)
 
 
-def check_resources(cfg: Recipe, world: int | None = None) -> int:
-    """Validate the recipe against `world` ranks; return gradient-accumulation steps. ConfigError if not."""
-    world = world or world_size(cfg)
+def micro_batch(cfg: Recipe, world: int) -> int:
+    """Per-rank micro-batch: the global batch / (ranks x dist.grad_accum) (check_resources says if it splits)."""
+    return cfg.train.batch_size // (world * cfg.dist.grad_accum)
+
+
+def check_resources(cfg: Recipe, world: int) -> None:
+    """ConfigError unless the global batch splits over `world` ranks: evenly into micro-batches of
+    dist.grad_accum steps, and into whole data streams per rank (see data_streams)."""
     b = cfg.train.batch_size
-    acc = cfg.dist.grad_accum or 1
+    acc = cfg.dist.grad_accum
     fits = [w for w in range(1, data_streams(b) + 1) if data_streams(b) % w == 0 and b % (w * acc) == 0]
     if b % (world * acc):
         raise ConfigError(
@@ -629,7 +641,16 @@ def check_resources(cfg: Recipe, world: int | None = None) -> int:
             f"{world} ranks cannot share train.batch_size={b}: the data loader splits it into {data_streams(b)} "
             f"streams (gcd(batch, {MAX_DATA_STREAMS})) and each rank serves whole streams; rank counts that fit: "
             f"{fits}, or use a global batch with more factors of two")
-    return acc
+
+
+def with_run_folder(cfg: Recipe, name: str) -> Recipe:
+    """A copy of `cfg` whose run has a name (`name` unless run.name is set) and an absolute run.dir
+    (runs/<recipe>/<name> unless run.dir is set). Entry points call this once; everything after reads
+    cfg.run.dir."""
+    out = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run))
+    out.run.name = out.run.name or name
+    out.run.dir = str(Path(out.run.dir or Path("runs") / out.recipe / out.run.name).absolute())
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

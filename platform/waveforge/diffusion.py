@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from waveforge.config import DiffusionConfig
 
 __all__ = ["Schedule", "make_schedule", "q_sample", "q_sample_pairs", "posterior_sample", "sample",
-           "sample_from_seeds", "seed_noise", "d_loss", "g_loss", "ema_update", "ema_decay_at",
-           "set_requires_grad"]
+           "sample_from_seeds", "seed_noise", "d_loss", "g_loss", "ema_update", "ema_decay_at"]
 
 EPS_T = 1e-3  # first diffusion time (t_0)
 
@@ -239,7 +238,7 @@ def g_loss(G: Callable[..., torch.Tensor], D: Callable[..., torch.Tensor], sched
            t: torch.Tensor, z: torch.Tensor, rec_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Generator loss: softplus(-D(x'_t, t, x_{t+1})) + rec_weight * L1(x0_hat, x0).
 
-    Gradients also flow into D's parameters if they require grad: freeze D first (`set_requires_grad`).
+    Gradients also flow into D's parameters if they require grad: freeze D first (`D.requires_grad_(False)`).
     """
     _, x_tp1 = q_sample_pairs(sched, x0, t)
     x_tp1 = x_tp1.detach()
@@ -252,12 +251,6 @@ def g_loss(G: Callable[..., torch.Tensor], D: Callable[..., torch.Tensor], sched
     stats = {"g_loss": loss.detach(), "g_loss_adv": adv.detach(), "g_loss_rec": rec.detach(),
              "g_d_fake": d_fake.detach().float().mean()}
     return loss, stats
-
-
-def set_requires_grad(module: nn.Module, flag: bool) -> None:
-    """Toggle requires_grad of every parameter (freeze D during the G step, and G during the D step)."""
-    for p in module.parameters():
-        p.requires_grad_(flag)
 
 
 # --------------------------------------------------------------------------------------------------

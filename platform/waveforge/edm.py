@@ -10,6 +10,7 @@ D is waveforge.models.Denoiser (D(x; sigma) on images; the U-Net inside works on
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Any
 
 import torch
 
-from waveforge import dist, samplers
+from waveforge import data, dist, samplers
 from waveforge.config import ConfigError, DiffusionConfig, Recipe
+from waveforge.images import to_uint8
 from waveforge.models.denoiser import edm_loss_weight, vp_sigma
 
 # --------------------------------------------------------------------------------------------------
@@ -27,14 +29,15 @@ from waveforge.models.denoiser import edm_loss_weight, vp_sigma
 
 
 def loss(D: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
-         dcfg: DiffusionConfig) -> tuple[torch.Tensor, dict[str, float]]:
+         dcfg: DiffusionConfig) -> tuple[torch.Tensor, dict[str, Any]]:
     """Denoising score matching with EDM's weighting (Karras et al. 2022, Eq. 8 / Table 1).
 
     edm: ln sigma ~ N(p_mean, p_std^2), weight (sigma^2 + sd^2) / (sigma sd)^2;
     vp:  t ~ U(epsilon_t, 1), sigma = sigma_vp(t), weight 1 / sigma^2.
     loss = mean over batch and elements of weight * (D(x0 + sigma n; sigma) - x0)^2 (a mean, not EDM's sum
     over pixels: Adam is invariant to that constant). Random draws come from torch's global RNG, which the
-    trainer seeds per (seed, step, rank, phase). Returns (loss, stats for the log).
+    trainer seeds per (seed, step, rank, phase). Returns (loss, stats for the log: device tensors, and
+    (sum, count) tensor pairs for the per-sample errors at sigma below / above sigma_data).
     """
     B = x0.shape[0]
     if dcfg.precond == "edm":
@@ -49,10 +52,12 @@ def loss(D: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tens
     err = (D(noisy, sigma).float() - x0).square().flatten(1).mean(1)  # per-sample mean squared error
     total = (weight * err).mean()
     # The unweighted error at low and high noise: what the weighting hides, and what sampling quality tracks.
-    low = sigma < dcfg.sigma_data
-    stats = {"loss": float(total.detach()),
-             "mse_low_sigma": float(err[low].mean().detach()) if low.any() else float("nan"),
-             "mse_high_sigma": float(err[~low].mean().detach()) if (~low).any() else float("nan")}
+    # As (sum, count) on the device: the trainer pools them over its log interval without a host sync.
+    low = (sigma < dcfg.sigma_data).float()
+    err = err.detach()
+    stats = {"loss": total.detach(),
+             "mse_low_sigma": ((err * low).sum(), low.sum()),
+             "mse_high_sigma": ((err * (1 - low)).sum(), (1 - low).sum())}
     return total, stats
 
 
@@ -123,8 +128,6 @@ def generator_fn(D: torch.nn.Module, cfg: Recipe, device: torch.device | str,
                  noise_filter: samplers.NoiseFilter | None = None) -> Callable[[list[int]], torch.Tensor]:
     """seeds -> uint8 (B, C, R, R) on the CPU; sample i is a function of seeds[i] alone (its latents and all
     of its per-step noise come from a generator seeded with it), whatever the batch or the number of ranks."""
-    from waveforge.evaluate import to_uint8
-
     m = cfg.model
     shape = (m.channels, m.resolution, m.resolution)
 
@@ -145,8 +148,6 @@ def generator_fn(D: torch.nn.Module, cfg: Recipe, device: torch.device | str,
 
 
 def _real_batches(cfg: Recipe, num: int, device: torch.device | str) -> Iterator[torch.Tensor]:
-    from waveforge import data
-
     for batch in data.iterate_dataset(cfg.data.url, rank=0, world=1, batch_size=min(cfg.eval.batch_size, num),
                                       num_samples=num, storage=cfg.storage):
         yield data.normalize(batch.to(device))
@@ -166,43 +167,38 @@ def noise_filter(cfg: Recipe, D: torch.nn.Module | None, device: torch.device | 
         return None
     path = Path(s.filter_path) if s.filter_path else (
         Path(run_dir) / f"noise_filters-{s.filter_source}.pt" if run_dir is not None else None)
-    filt, error = None, ""
-    if dist.rank() == 0:
-        try:
-            if path is not None and path.is_file():
-                filt = samplers.NoiseFilter.load(str(path))
-            else:
-                from waveforge import data
+    def load_or_estimate() -> samplers.NoiseFilter:
+        if path is not None and path.is_file():
+            return samplers.NoiseFilter.load(str(path))
+        n = s.filter_samples
+        if s.filter_source == "data":
+            filt = samplers.estimate_filters(_real_batches(cfg, n, device), alpha=s.filter_alpha)
+        else:
+            if D is None:
+                raise ConfigError("sampler.filter_source=gap needs a model to sample from")
+            gen = generator_fn(D, _without_filter(cfg), device)
+            bs = cfg.eval.batch_size
+            fake = (data.normalize(gen(list(range(i, min(i + bs, n)))).to(device)) for i in range(0, n, bs))
+            filt = samplers.estimate_filters_from_gap(_real_batches(cfg, n, device), fake, alpha=s.filter_alpha)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            filt.save(str(path))
+            print(f"noise filters ({s.filter_source}, alpha {s.filter_alpha}) estimated from {n} images, saved "
+                  f"to {path}", flush=True)
+        return filt
 
-                n = s.filter_samples
-                if s.filter_source == "data":
-                    filt = samplers.estimate_filters(_real_batches(cfg, n, device), alpha=s.filter_alpha)
-                else:
-                    if D is None:
-                        raise ConfigError("sampler.filter_source=gap needs a model to sample from")
-                    plain = _without_filter(cfg)
-                    gen = generator_fn(D, plain, device)
-                    bs = cfg.eval.batch_size
-                    fake = (data.normalize(gen(list(range(i, min(i + bs, n)))).to(device))
-                            for i in range(0, n, bs))
-                    filt = samplers.estimate_filters_from_gap(_real_batches(cfg, n, device), fake,
-                                                              alpha=s.filter_alpha)
-                if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    filt.save(str(path))
-                    print(f"noise filters ({s.filter_source}, alpha {s.filter_alpha}) estimated from {n} "
-                          f"images, saved to {path}", flush=True)
+    def on_rank0() -> samplers.NoiseFilter:
+        try:
+            return load_or_estimate()
         except (OSError, RuntimeError, ValueError) as e:
-            error = f"sampler.noise_filter={s.noise_filter}: cannot load or estimate the filters ({path}): {e}"
-    filt, error = dist.broadcast_object((filt, error))
-    if error:
-        raise ConfigError(error)
+            raise ConfigError(f"sampler.noise_filter={s.noise_filter}: cannot load or estimate the filters "
+                              f"({path}): {e}") from e
+
+    filt = dist.on_rank0(on_rank0)
     return filt.to(device) if filt is not None else None
 
 
 def _without_filter(cfg: Recipe) -> Recipe:
-    import copy
-
     plain = copy.deepcopy(cfg)
     plain.sampler.noise_filter = "none"
     return plain

@@ -226,7 +226,8 @@ def _cheapest_fit(cost: ModelCost, cfg: config.Recipe, world: int, micro_batch: 
 def plan(cfg: config.Recipe) -> dict[str, Any]:
     """The full plan as a JSON-able dict."""
     world = config.world_size(cfg)
-    accum = config.check_resources(cfg, world)
+    config.check_resources(cfg, world)
+    accum = cfg.dist.grad_accum
     micro = cfg.train.batch_size // (world * accum)
     cost = measure(cfg)
     ds = cfg.dist

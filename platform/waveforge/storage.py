@@ -8,7 +8,8 @@ S3 settings come from the recipe's `storage` section, else from the standard AWS
 
 Every helper retries transient errors (connection resets, timeouts, throttling, 5xx) with exponential
 backoff. Permanent errors are raised at once as `StorageError` with a message that names the URL/bucket
-and what to check (wrong key or secret, missing bucket, unreachable endpoint), never a raw botocore trace.
+and what to check, never a raw botocore trace; its subclasses say which: `AccessDenied` (wrong key or
+secret, no permission), `BucketMissing`, `Unreachable` (the endpoint did not answer through the retries).
 A missing object raises the ordinary `FileNotFoundError`, so callers can treat it as "absent".
 """
 
@@ -37,6 +38,18 @@ MAX_DELAY_S = 20.0
 
 class StorageError(OSError):
     """A storage operation failed for a reason retrying does not fix (credentials, bucket, endpoint)."""
+
+
+class AccessDenied(StorageError):
+    """The credentials were refused (wrong key or secret, or no permission on the bucket or file)."""
+
+
+class BucketMissing(StorageError):
+    """The URL's bucket does not exist."""
+
+
+class Unreachable(StorageError):
+    """The storage endpoint did not answer, or kept failing, through every retry."""
 
 
 def scheme(url: str) -> str:
@@ -154,9 +167,11 @@ def explain(exc: BaseException, url: str, what: str, scfg: StorageConfig | None 
     """A StorageError with a message a user can act on, for the failure `exc` of `what` on `url`."""
     where = f"{url}{_endpoint_hint(url, scfg)}"
     b = bucket(url)
+    kind: type[StorageError] = StorageError
     if _is_missing_bucket(exc):
-        msg = f"{what} {where}: bucket {b!r} does not exist (create it, or fix the URL)"
+        kind, msg = BucketMissing, f"{what} {where}: bucket {b!r} does not exist (create it, or fix the URL)"
     elif _is_auth(exc):
+        kind = AccessDenied
         if is_local(url):
             msg = f"{what} {where}: permission denied"
         else:
@@ -164,11 +179,12 @@ def explain(exc: BaseException, url: str, what: str, scfg: StorageConfig | None 
                    f"(storage.access_key / storage.secret_key, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) "
                    f"and the bucket's permissions")
     elif _is_transient(exc):
+        kind = Unreachable
         msg = (f"{what} {where}: storage unreachable or failing after retries: {type(exc).__name__}: {exc}. "
                f"Check the endpoint (storage.endpoint_url or AWS_ENDPOINT_URL) and the network")
     else:
         msg = f"{what} {where}: {type(exc).__name__}: {exc}"
-    err = StorageError(msg)
+    err = kind(msg)
     err.url = url  # type: ignore[attr-defined]
     return err
 
@@ -363,18 +379,6 @@ def put_file(local: str, url: str, scfg: StorageConfig | None = None, retries: i
         return
     fs, path = filesystem(url, scfg)
     with_retries(lambda: fs.put_file(local, path), url, "uploading to", retries=retries, scfg=scfg)
-
-
-def put_dir(local_dir: str, url: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES) -> int:
-    """Upload every file under `local_dir` to `url` keeping relative paths; returns the number of files."""
-    n = 0
-    for root, _, files in os.walk(local_dir):
-        for name in sorted(files):
-            src = os.path.join(root, name)
-            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
-            put_file(src, join(url, rel), scfg, retries)
-            n += 1
-    return n
 
 
 def get_file(url: str, local: str, scfg: StorageConfig | None = None, retries: int = DEFAULT_RETRIES) -> None:

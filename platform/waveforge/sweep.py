@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from waveforge import config, dist, edm, evaluate
+from waveforge import config, dist, edm, inference, tracking
 from waveforge.config import ConfigError, Recipe
+from waveforge.evaluator import Evaluator, sampling_speed
 
 SAMPLER_NAMES = ("heun", "euler", "edm_stochastic", "generalized", "fastdpm", "pc")
 COLUMNS = ("label", "sampler", "steps", "nfe", "fid", "kid", "s_per_batch", "images_per_s", "options")
@@ -82,23 +83,24 @@ def run_sweep(cfg: Recipe, run: str, samplers: list[tuple[str, dict[str, str]]],
               device: torch.device | str | None = None, speed_repeats: int = 2) -> list[dict[str, Any]]:
     """Evaluate every (sampler, steps) point (collective over ranks); rank 0 writes the table and the plot."""
     device = torch.device(device) if device is not None else dist.device()
-    D, run_cfg, info = evaluate.load_generator(run, cfg.storage, device)
+    D, run_cfg, info = inference.load_generator(run, cfg.storage, device)
     if run_cfg.model.family != "edm":
         raise ConfigError(f"{run} is a {run_cfg.model.family} model: the sampler sweep needs an EDM-family denoiser "
                           "(recipes edm_*); a diffusion GAN samples with its own T steps")
-    run_dir = evaluate.local_folder(run)
+    run_dir = inference.local_folder(run)
     out_dir = Path(out) if out else (run_dir / "sweep" if run_dir is not None else Path("sweep"))
     points = [(name, opts, n) for name, opts in samplers for n in steps]
     configs = [point_config(run_cfg, cfg, name, opts, n) for name, opts, n in points]  # all errors before work
     rows: list[dict[str, Any]] = []
+    evaluator = Evaluator(configs[0], device)  # one extractor and one reference for every point
     for (name, opts, n), c in zip(points, configs):
         filt = edm.noise_filter(c, D, device, run_dir)
-        generate = evaluate.generator_fn(D, c, device, noise_filter=filt)
+        generate = inference.generator_fn(D, c, device, noise_filter=filt)
         speed = {"s_per_batch": float("nan"), "images_per_s": float("nan")}
         if dist.rank() == 0:
             bs = c.eval.batch_size
-            speed = evaluate.sampling_speed(lambda g=generate, b=bs: g(list(range(b))), bs, repeats=speed_repeats)
-        result = evaluate.evaluate_generator(c, generate, device=device, progress=False)
+            speed = sampling_speed(lambda g=generate, b=bs: g(list(range(b))), bs, repeats=speed_repeats)
+        result = evaluator.fid(generate, progress=False)
         row = {"label": label(name, opts), "sampler": name, "steps": n, "nfe": edm.network_calls(c),
                "fid": result["fid"], "kid": result.get("kid", float("nan")), **speed,
                "options": json.dumps(edm.describe(c))}
@@ -160,8 +162,6 @@ def _track(cfg: Recipe, run_dir: Path | None, out_dir: Path, rows: list[dict[str
     """A new MLflow run in the training run's store and experiment, tagged with its id (tracking.enabled)."""
     if not cfg.tracking.enabled:
         return
-    from waveforge import tracking
-
     c = copy.deepcopy(cfg)
     tags = {"kind": "sampler_sweep", "source": str(info.get("source") or "")}
     if run_dir is not None and (run_dir / "tracking.json").is_file():

@@ -502,9 +502,13 @@ def _start_system_metrics(run_id: str, uri: str, resume: bool) -> Any:
 
 
 class NullTracker:
-    """The tracker of ranks other than 0 and of `tracking.enabled=false`: every method does nothing."""
+    """The tracker of ranks other than 0 and of `tracking.enabled=false`: logs nothing. It may carry the
+    system-metrics monitor of its node (`start_node_monitor`), which `close` stops."""
 
     run_id: str | None = None
+
+    def __init__(self, monitor: Any = None) -> None:
+        self._monitor = monitor
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
@@ -521,6 +525,12 @@ class NullTracker:
     def close(self, status: str = "FINISHED", error: str | None = None, timeout: float = 60.0) -> int:
         if status not in STATUSES:
             raise ValueError(f"close: status must be one of {', '.join(STATUSES)}, got {status!r}")
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            try:
+                monitor.finish()
+            except Exception as e:  # noqa: BLE001 - system metrics are best effort
+                log.warning("tracking: stopping this node's system metrics failed: %s", e)
         return 0
 
 

@@ -5,6 +5,10 @@
     ShardLoader(url, global_batch=..., rank=..., world=...) / from_config(cfg, rank, world, grad_accum)
     iterate_dataset(url, rank=..., world=..., batch_size=...)   canonical order, for FID reference statistics
 
+Modules, one concern each: tar (shard bytes -> samples), decode (sample -> image, normalize), order (which
+sample when: pure arithmetic), reader (streams read from shards, substitution of bad data), loader (worker
+processes, shared-memory batches, resume state), shards (writing data sets), synthetic, workers.
+
 Names are imported lazily, so the shard-writing worker processes never import torch.
 """
 
@@ -14,8 +18,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DataError": "loader", "Plan": "loader", "ShardLoader": "loader", "from_config": "loader",
-    "iterate_dataset": "loader", "normalize": "loader", "num_streams": "loader", "register_gopen": "loader",
+    "ShardLoader": "loader", "from_config": "loader",
+    "DataError": "reader", "iterate_dataset": "reader",
+    "SampleOrder": "order", "num_streams": "order",
+    "normalize": "decode", "decode_image": "decode", "decode_hwc": "decode",
+    "parse_tar": "tar", "register_gopen": "tar",
     "ensure_dataset": "shards", "make_shards": "shards", "manifest_url": "shards", "read_manifest": "shards",
     "synthetic_image": "synthetic", "start_worker_server": "workers", "worker_context": "workers",
 }

@@ -1,4 +1,4 @@
-"""Distributed FID/KID with clean-fid's Inception features, reference-statistics cache, grids, speed.
+"""FID/KID math, feature extractors and reference statistics: knows nothing of checkpoints, models or jobs.
 
 The numbers equal clean-fid's (https://github.com/GaParmar/clean-fid, 0.1.35): the same feature network
 (loaded by clean-fid's own classes), the same resize/quantization per mode (clean-fid's `build_resizer`), the
@@ -16,12 +16,9 @@ Offline clusters: clean-fid downloads the Inception weights at first use (see `i
 
     extractor = load_feature_extractor(cfg.eval, device)               # clean-fid Inception or module:callable
     fake = generate_features(generate, n, extractor, batch_size, kid=True).reduce()     # COLLECTIVE -> Stats
-    real = reference_stats(manifest_url, iterate, extractor, resolution, ...)           # COLLECTIVE, cached
-    metrics(real, fake, kid=True)                                       # {"fid", "kid"} on every rank
-    evaluate_generator(cfg, generate)          # all of the above for a recipe (the trainer's periodic eval)
+    real = dataset_reference(cfg, extractor)                             # COLLECTIVE, cached next to the data
+    scores(real, fake, kid=True)                                         # {"fid", "kid"} on every rank
     fid_folders(real_dir, fake_dir, cfg.eval)  # two image folders, like cleanfid.fid.compute_fid
-    run_job(cfg, checkpoint=... | real=..., fake=..., out=...)          # the evaluate job
-    make_grid(images, nrow), sampling_speed(generate_batch, batch_size, repeats)
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ import hashlib
 import importlib
 import io
 import json
-import math
 import os
 import shutil
 import sys
@@ -53,9 +49,9 @@ from cleanfid.resize import build_resizer
 from cleanfid.utils import EXTENSIONS
 from PIL import Image
 
-from waveforge import dist
+from waveforge import data, dist
 from waveforge import storage as wf_storage
-from waveforge.config import ConfigError, EvalConfig, Recipe, StorageConfig
+from waveforge.config import EvalConfig, Recipe, StorageConfig
 
 # Where clean-fid itself looks for / downloads the weights (cleanfid.features.feature_extractor: "/tmp" on
 # Linux; torch hub's checkpoints folder for legacy_pytorch).
@@ -320,7 +316,7 @@ class FeatureStats:
         """All ranks' features (N,D) float32 on every rank: rows placed by sample index (or rank order)."""
         n, rank = int(counts.sum().item()), dist.rank()
         local = torch.cat(self._rows) if self._rows else torch.zeros(0, dim)
-        by_index = _all_ranks(len(self._indices) == local.shape[0])
+        by_index = dist.all_ranks(len(self._indices) == local.shape[0])
         if by_index:
             idx = torch.tensor(self._indices, dtype=torch.long)
             if local.shape[0] and (idx.min() < 0 or idx.max() >= n):
@@ -342,11 +338,6 @@ def _agree_dim(local_dim: int) -> int:
     dims[dist.rank()] = local_dim
     dims = dist.all_reduce_sum(dims)
     return int(dims.max().item())
-
-
-def _all_ranks(flag: bool) -> bool:
-    """True iff `flag` is True on every rank."""
-    return not dist.any_rank(not flag)
 
 
 def fid_from_stats(a: Stats, b: Stats) -> float:
@@ -382,19 +373,21 @@ def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 1
     return t / num_subsets / m
 
 
-def metrics(real: Stats, fake: Stats, kid: bool = True, kid_subsets: int = 100, kid_subset_size: int = 1000,
-            device: torch.device | str = "cpu") -> dict[str, float]:
+def scores(real: Stats, fake: Stats, kid: bool = True, kid_subsets: int = 100, kid_subset_size: int = 1000,
+           device: torch.device | str = "cpu") -> dict[str, float]:
     """{"fid": ..., "kid": ...} (kid only when asked and both sets carry features). Computed on rank 0 and
-    broadcast, so every rank returns the same numbers (sqrtm of a 2048^2 matrix takes seconds)."""
-    out: dict[str, float] = {}
-    if dist.rank() == 0:
-        out["fid"] = fid_from_stats(real, fake)
+    shared, so every rank returns the same numbers (sqrtm of a 2048^2 matrix takes seconds)."""
+
+    def compute() -> dict[str, float]:
+        out = {"fid": fid_from_stats(real, fake)}
         if kid:
             if real.features is None or fake.features is None:
                 raise ValueError("KID needs the features of both sets: compute them with kid=True")
             out["kid"] = kernel_distance(real.features, fake.features, num_subsets=kid_subsets,
                                          max_subset_size=kid_subset_size, device=device)
-    return dist.broadcast_object(out)
+        return out
+
+    return dist.on_rank0(compute)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,16 +431,6 @@ def generate_features(generate: Callable[[list[int]], torch.Tensor], num_samples
     return stats
 
 
-def compute_fid_from_generator(generate: Callable[[list[int]], torch.Tensor], reference: Stats,
-                               extractor: FeatureExtractor, num_samples: int, batch_size: int, kid: bool = True,
-                               kid_subsets: int = 100, kid_subset_size: int = 1000,
-                               progress: bool = True) -> dict[str, float]:
-    """FID (and KID) of `num_samples` generated images against `reference`, over all ranks (collective)."""
-    fake = generate_features(generate, num_samples, extractor, batch_size, kid=kid, progress=progress).reduce()
-    return metrics(reference, fake, kid=kid, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-                   device=extractor.device)
-
-
 def list_images(folder: str | os.PathLike) -> list[str]:
     """Image files under `folder` (recursive, sorted), as clean-fid lists them."""
     if not os.path.isdir(folder):
@@ -486,7 +469,7 @@ def fid_folders(real_dir: str | os.PathLike, fake_dir: str | os.PathLike, ecfg: 
     extractor = load_feature_extractor(ecfg, device if device is not None else dist.device())
     real = folder_features(real_dir, extractor, ecfg.batch_size, kid=ecfg.kid, progress=progress).reduce()
     fake = folder_features(fake_dir, extractor, ecfg.batch_size, kid=ecfg.kid, progress=progress).reduce()
-    return metrics(real, fake, kid=ecfg.kid, kid_subsets=ecfg.kid_subsets, kid_subset_size=ecfg.kid_subset_size,
+    return scores(real, fake, kid=ecfg.kid, kid_subsets=ecfg.kid_subsets, kid_subset_size=ecfg.kid_subset_size,
                    device=extractor.device)
 
 
@@ -532,30 +515,30 @@ def reference_stats(manifest_url: str, iterate: Callable[[], Iterable[torch.Tens
     cache_url: folder for `ref-<key>.npz` (mu, sigma, count, features if kid) + `ref-<key>.json` (the key);
         "" = a `fid-stats` folder next to the manifest. The JSON is written last and marks a complete file.
     Returns Stats with .cached (read from the cache) and .url. Prints "reference statistics: cached <url>"
-    or "reference statistics: computed ...". With kid, .features is set on rank 0 (where `metrics` computes
+    or "reference statistics: computed ...". With kid, .features is set on rank 0 (where `scores` computes
     KID); on the other ranks only when computed now.
     """
-    sha = error = ""
-    if dist.rank() == 0:  # one reader; the others get its answer (or its error: no rank waits forever)
+    def manifest_sha() -> str:
         try:
-            sha = hashlib.sha256(wf_storage.read_bytes(manifest_url, storage)).hexdigest()
+            return hashlib.sha256(wf_storage.read_bytes(manifest_url, storage)).hexdigest()
         except FileNotFoundError:
-            error = (f"data manifest {manifest_url!r} not found: the reference statistics are keyed by it "
-                     "(make the shards first: python jobs/make_shards.py)")
-    sha, error = dist.broadcast_object((sha, error))
-    if error:
-        raise FileNotFoundError(error)
+            raise FileNotFoundError(f"data manifest {manifest_url!r} not found: the reference statistics are keyed "
+                                    "by it (make the shards first: python jobs/make_shards.py)") from None
+
+    sha = dist.on_rank0(manifest_sha)  # one reader; the others get its answer or its error
     key = reference_key(sha, resolution, extractor.name, num_samples)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     folder = cache_url or wf_storage.join(manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else ".",
                                           "fid-stats")
     npz_url, json_url = wf_storage.join(folder, f"ref-{digest}.npz"), wf_storage.join(folder, f"ref-{digest}.json")
 
-    hit = False
-    if dist.rank() == 0 and wf_storage.exists(json_url, storage) and wf_storage.exists(npz_url, storage):
+    def cached() -> bool:
+        if not (wf_storage.exists(json_url, storage) and wf_storage.exists(npz_url, storage)):
+            return False
         meta = json.loads(wf_storage.read_bytes(json_url, storage))
-        hit = meta.get("key") == key and (not kid or meta.get("has_features", False))
-    if dist.broadcast_object(hit):
+        return meta.get("key") == key and (not kid or meta.get("has_features", False))
+
+    if dist.on_rank0(cached):
         fs, path = wf_storage.filesystem(npz_url, storage)
         # KID is computed on rank 0 only: the other ranks read just count, mu and sigma (zip members are
         # read lazily from the open object).
@@ -574,7 +557,7 @@ def reference_stats(manifest_url: str, iterate: Callable[[], Iterable[torch.Tens
     stats = iterator_features(iterate(), extractor, kid=kid, progress=progress, resolution=resolution).reduce()
     if num_samples and stats.count < num_samples:
         dist.print0(f"reference statistics: the data set has {stats.count} images (< num_samples={num_samples})")
-    if dist.rank() == 0:
+    def save() -> None:
         buf = io.BytesIO()
         arrays = {"mu": stats.mu, "sigma": stats.sigma, "count": np.array(stats.count)}
         if stats.features is not None:
@@ -584,226 +567,20 @@ def reference_stats(manifest_url: str, iterate: Callable[[], Iterable[torch.Tens
         meta = {"key": key, "count": stats.count, "has_features": stats.features is not None,
                 "manifest_url": manifest_url, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         wf_storage.write_bytes(json_url, json.dumps(meta, indent=1, sort_keys=True).encode(), storage)  # last
-    dist.barrier()
+
+    dist.on_rank0(save)
     stats.url = npz_url
     dist.print0(f"reference statistics: computed {stats.count} images in {time.time() - t0:.0f} s, saved {npz_url}")
     return stats
 
 
-_EXTRACTORS: dict[tuple, FeatureExtractor] = {}
-_REFERENCES: dict[tuple, Stats] = {}
-
-
-def cached_feature_extractor(ecfg: EvalConfig, device: torch.device | str) -> FeatureExtractor:
-    """load_feature_extractor, loaded once per process (periodic evaluation during training)."""
-    key = (ecfg.feature_extractor, ecfg.mode, ecfg.inception_path, str(torch.device(device)))
-    if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = load_feature_extractor(ecfg, device)
-    return _EXTRACTORS[key]
-
-
-def evaluate_generator(cfg: Recipe, generate: Callable[[list[int]], torch.Tensor], rank: int | None = None,
-                       world: int | None = None, device: torch.device | str | None = None,
-                       progress: bool = True) -> dict[str, float]:
-    """FID (and KID with eval.kid) of `generate` against the recipe's data set, over all ranks (collective).
-
-    generate(seeds) -> uint8 (B,3,R,R), sample i from seed i. The reference statistics of data.url are
-    read from the cache (eval.reference_url, default fid-stats/ next to the manifest) or computed once with
-    waveforge.data.iterate_dataset over all ranks; both are kept in memory for the next call.
-    """
-    from waveforge import data
-
+def dataset_reference(cfg: Recipe, extractor: FeatureExtractor, progress: bool = True) -> Stats:
+    """COLLECTIVE: reference statistics of the recipe's data set (data.url) at model.resolution: the first
+    eval.num_samples images of its canonical order, cached in eval.reference_url (default: fid-stats/ next
+    to the manifest), every rank reading its share."""
     ecfg = cfg.eval
-    rank = dist.rank() if rank is None else rank
-    world = dist.world() if world is None else world
-    extractor = cached_feature_extractor(ecfg, device if device is not None else dist.device())
-    manifest = data.manifest_url(cfg.data.url)
-    ref_key = (manifest, cfg.model.resolution, extractor.name, ecfg.num_samples, ecfg.reference_url, ecfg.kid)
-    if ref_key not in _REFERENCES:
-        iterate = functools.partial(data.iterate_dataset, cfg.data.url, rank=rank, world=world,
-                                    batch_size=ecfg.batch_size, num_samples=ecfg.num_samples, storage=cfg.storage)
-        _REFERENCES[ref_key] = reference_stats(manifest, iterate, extractor, resolution=cfg.model.resolution,
-                                               num_samples=ecfg.num_samples, cache_url=ecfg.reference_url,
-                                               kid=ecfg.kid, storage=cfg.storage, progress=progress)
-    fake = generate_features(generate, ecfg.num_samples, extractor, ecfg.batch_size, rank=rank, world=world,
-                             kid=ecfg.kid, progress=progress).reduce()
-    return metrics(_REFERENCES[ref_key], fake, kid=ecfg.kid, kid_subsets=ecfg.kid_subsets,
-                   kid_subset_size=ecfg.kid_subset_size, device=extractor.device)
-
-
-GENERATOR_FILE = "generator_ema.safetensors"  # checkpoint.export's output, with model_config.json
-
-
-def load_generator(source: str, storage: StorageConfig | None = None, device: torch.device | str = "cpu"
-                   ) -> tuple[torch.nn.Module, Recipe, dict[str, Any]]:
-    """The EMA generator of `source` (collective): an export folder (generator_ema.safetensors +
-    model_config.json), or a checkpoint / run / checkpoints folder or URL (exported first by rank 0).
-
-    Returns (G in eval mode on `device`, a Recipe with the checkpoint's model and diffusion sections, the
-    export's metadata: step, images, source).
-    """
-    import safetensors.torch
-
-    from waveforge import checkpoint, config, models
-
-    folder, error, tmp = "", "", ""
-    if dist.rank() == 0:
-        try:
-            local = Path(wf_storage.local_path(source))
-            if (local / GENERATOR_FILE).is_file():
-                folder = str(local)
-            else:
-                tmp = tempfile.mkdtemp(prefix="waveforge-eval-")
-                folder = str(checkpoint.export(source, Path(tmp), storage=storage))
-        except (OSError, RuntimeError, ValueError) as e:
-            error = f"cannot load a generator from {source!r}: {e}"
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
-    folder, error = dist.broadcast_object((folder, error))
-    if error:
-        raise ConfigError(error)
-    meta = json.loads(Path(folder, "model_config.json").read_text())
-    run_cfg = config.from_dict({"model": meta["model"], "diffusion": meta["diffusion"]})
-    G = models.build_network(run_cfg.model, run_cfg.diffusion)
-    missing, unexpected = safetensors.torch.load_model(G, str(Path(folder, GENERATOR_FILE)), strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"{folder}/{GENERATOR_FILE} does not fit the generator of its model_config.json: "
-                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    dist.barrier()
-    if tmp:
-        shutil.rmtree(tmp, ignore_errors=True)
-    info = {k: meta.get(k) for k in ("step", "images", "source", "recipe")}
-    return G.to(device).eval().requires_grad_(False), run_cfg, info
-
-
-def generator_fn(G: torch.nn.Module, run_cfg: Recipe, device: torch.device | str,
-                 noise_filter: Any = None) -> Callable[[list[int]], torch.Tensor]:
-    """seeds -> uint8 (B,3,R,R) images of G (sample i from seed i), as the trainer's evaluation makes them.
-
-    The EDM family (run_cfg.model.family=edm) samples with run_cfg.sampler (and `noise_filter`, see
-    waveforge.edm.noise_filter); the diffusion GAN with its T-step posterior sampler (a CPU G gets its conv
-    weights in channels_last, in place: `waveforge.models.to_inference_layout`).
-    """
-    from waveforge import diffusion, models, wavelet
-
-    if run_cfg.model.family == "edm":
-        from waveforge import edm
-
-        return edm.generator_fn(G, run_cfg, device, noise_filter)
-
-    m = run_cfg.model
-    sched = diffusion.make_schedule(run_cfg.diffusion, device)
-    shape = (4 * m.channels, m.resolution // 2, m.resolution // 2)
-    models.to_inference_layout(G)  # on the CPU: conv weights in the sampler's channels_last layout
-
-    @torch.no_grad()
-    def generate(seeds: list[int]) -> torch.Tensor:
-        w = diffusion.sample_from_seeds(G, sched, seeds, shape, m.nz, device)
-        return to_uint8(wavelet.from_wavelet(w.float())).cpu()
-
-    return generate
-
-
-def to_uint8(img: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 (the grid / FID input)."""
-    return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def local_folder(source: str) -> Path | None:
-    """`source` as a local folder (a run, checkpoint or export folder), or None for a URL or a file."""
-    local = Path(wf_storage.local_path(source))
-    return local if local.is_dir() else None
-
-
-def load_sampler(cfg: Recipe, source: str, device: torch.device | str
-                 ) -> tuple[Callable[[list[int]], torch.Tensor], Recipe, dict[str, Any]]:
-    """(generate, run_cfg, info) for the model at `source` (see load_generator), collective.
-
-    run_cfg has the checkpoint's model and diffusion sections and `cfg`'s data, eval, storage and sampler
-    sections: the EDM family samples with the sampler the user chose (and its TDAS/PDS filters, stored in
-    the run folder when `source` is one), the diffusion GAN with its T steps.
-    """
-    G, run_cfg, info = load_generator(source, cfg.storage, device)
-    run_cfg.data, run_cfg.eval, run_cfg.storage, run_cfg.sampler = cfg.data, cfg.eval, cfg.storage, cfg.sampler
-    filt = None
-    if run_cfg.model.family == "edm":
-        from waveforge import edm
-
-        filt = edm.noise_filter(run_cfg, G, device, local_folder(source))
-        info = {**info, **edm.describe(run_cfg)}
-    return generator_fn(G, run_cfg, device, noise_filter=filt), run_cfg, info
-
-
-def run_job(cfg: Recipe, checkpoint: str = "", real: str = "", fake: str = "", out: str = "") -> dict[str, Any]:
-    """The evaluate job, on every rank (initialises torch.distributed itself when launched with > 1 rank).
-
-    real= and fake= (image folders): FID/KID between them (clean-fid's compute_fid(real, fake)).
-    checkpoint= (export folder, checkpoint / run folder or URL): its EMA generator's eval.num_samples images
-        against the reference statistics of data.url (the recipe's eval and data sections; the model and
-        diffusion sections come from the checkpoint).
-    out=: also write the result as JSON there (a path or URL; rank 0). Returns the result on every rank.
-    """
-    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1 and not dist.is_initialized():
-        from waveforge import launch
-
-        device = launch.init_distributed(cfg.dist.backend)
-    else:
-        device = dist.device()
-    t0 = time.time()
-    if real or fake:
-        if not (real and fake) or checkpoint:
-            raise ConfigError("give real= and fake= (two image folders), or checkpoint= alone")
-        result: dict[str, Any] = dict(fid_folders(real, fake, cfg.eval, device))
-        result.update(real=real, fake=fake)
-    elif checkpoint:
-        generate, run_cfg, info = load_sampler(cfg, checkpoint, device)
-        result = dict(evaluate_generator(run_cfg, generate, device=device))
-        result.update(checkpoint=checkpoint, **{k: v for k, v in info.items() if v is not None})
-        result.update(num_samples=cfg.eval.num_samples, data=cfg.data.url)
-    else:
-        raise ConfigError("nothing to evaluate: give checkpoint=PATH|URL, or real=DIR fake=DIR")
-    result.update(mode=cfg.eval.mode, features=cfg.eval.feature_extractor or "inception_v3",
-                  seconds=round(time.time() - t0, 1))
-    if out and dist.rank() == 0:
-        wf_storage.write_bytes(out, (json.dumps(result, indent=1) + "\n").encode(), cfg.storage)
-    dist.print0("evaluation: " + json.dumps(result), file=sys.stderr)  # stdout stays for --json
-    return result
-
-
-# --------------------------------------------------------------------------------------------------
-# Sample grids and sampling speed
-# --------------------------------------------------------------------------------------------------
-
-
-def make_grid(images: torch.Tensor, nrow: int = 8) -> Image.Image:
-    """uint8 (N,3,H,W) -> one RGB image, `nrow` images per row (empty cells black)."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] < 1:
-        raise ValueError(f"make_grid expects uint8 (N,3,H,W) with N >= 1, got {images.dtype} {tuple(images.shape)}")
-    if nrow < 1:
-        raise ValueError(f"nrow={nrow} must be >= 1")
-    n, c, h, w = images.shape
-    cols = min(nrow, n)
-    rows = math.ceil(n / cols)
-    grid = torch.zeros(rows * cols, c, h, w, dtype=torch.uint8)
-    grid[:n] = images.detach().cpu()
-    grid = grid.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
-    if c == 1:
-        grid = grid.expand(-1, -1, 3)
-    return Image.fromarray(grid.contiguous().numpy())  # uint8 (H, W, 3): RGB
-
-
-def sampling_speed(generate_batch: Callable[[], Any], batch_size: int, repeats: int = 5,
-                   warmup: int = 1) -> dict[str, float]:
-    """Time `generate_batch()` (one batch of `batch_size` images): warm-up calls excluded, CUDA synchronized."""
-    if repeats < 1 or batch_size < 1:
-        raise ValueError(f"repeats={repeats} and batch_size={batch_size} must be >= 1")
-    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
-    for _ in range(warmup):
-        generate_batch()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        generate_batch()
-        sync()
-    s = (time.perf_counter() - t0) / repeats
-    return {"images_per_s": batch_size / s, "s_per_batch": s}
+    iterate = functools.partial(data.iterate_dataset, cfg.data.url, rank=dist.rank(), world=dist.world(),
+                                batch_size=ecfg.batch_size, num_samples=ecfg.num_samples, storage=cfg.storage)
+    return reference_stats(data.manifest_url(cfg.data.url), iterate, extractor, resolution=cfg.model.resolution,
+                           num_samples=ecfg.num_samples, cache_url=ecfg.reference_url, kid=ecfg.kid,
+                           storage=cfg.storage, progress=progress)

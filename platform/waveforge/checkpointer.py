@@ -1,0 +1,103 @@
+"""The trainer's checkpoint protocol, as one component (the mechanics are in `waveforge.checkpoint`):
+
+    ckpt = Checkpointer(cfg, run_dir)
+    patch = ckpt.plan(world)                    # COLLECTIVE, before the engines: what to resume, DS config patch
+    state = ckpt.resume(engines, ema, loader)   # COLLECTIVE: loaded and verified, or None for a fresh start
+    ckpt.save(step=..., images=..., engines=..., ema=..., loader=..., extra={...}, reason="interval")
+    failed_uploads = ckpt.close()
+
+It decides which checkpoint a run continues from, refuses one whose recipe changes training (before any
+weight is loaded), verifies that the loaded weights are the saved ones (a checksum also across a reshard),
+assembles what a checkpoint holds, and owns the background upload to object storage.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from waveforge import checkpoint, config, dist, runtime
+from waveforge.config import Recipe
+
+
+def weights_checksum(engines: dict[str, Any]) -> float:
+    """float64 sum of every parameter of every engine (gathered from ZeRO-3 shards): identical on every rank."""
+    import deepspeed
+
+    total = 0.0
+    for _, engine in sorted(engines.items()):
+        params = list(engine.module.parameters())
+        gather = deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_stage() == 3 else nullcontext()
+        with gather:
+            total += float(sum(p.detach().double().sum() for p in params))
+    return total
+
+
+class Checkpointer:
+    """Resume, save and upload the checkpoints of one run (see the module docstring)."""
+
+    def __init__(self, cfg: Recipe, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        c = cfg.checkpoint
+        self.uploader = (checkpoint.Uploader(c.url, cfg.storage, keep_last=c.remote_keep_last)
+                         if c.url and dist.rank() == 0 else None)
+        self.source: Path | None = None
+
+    def plan(self, world: int) -> dict[str, Any]:
+        """COLLECTIVE: choose the checkpoint to resume from (run.resume) and check that its recipe trains the
+        same thing; returns what each engine's DeepSpeed config needs to load it ({} for a fresh start)."""
+        self.source = checkpoint.find_resume(self.run_dir, self.cfg.run.resume, url=self.cfg.checkpoint.url,
+                                             storage=self.cfg.storage)
+        if self.source is None:
+            return {}
+        saved = checkpoint.read_state(self.source).get("recipe")
+        if not isinstance(saved, dict):
+            raise checkpoint.CheckpointError(f"{self.source}: its state holds no recipe")
+        changed = config.diff_training_fields(config.from_dict(saved), self.cfg)
+        if changed:
+            raise config.ConfigError(f"resuming {self.source} with a recipe that changes training: "
+                                     f"{'; '.join(changed)}. Start a new run (another run.dir) or pass resume=never.")
+        return checkpoint.ds_config_patch(self.source, world)
+
+    def resume(self, engines: dict[str, Any], ema: torch.nn.Module, loader: Any) -> dict[str, Any] | None:
+        """COLLECTIVE: load the planned checkpoint into the engines, the EMA and the loader's position; None
+        when there is none. Refuses weights that differ from the saved ones."""
+        if self.source is None:
+            return None
+        state = checkpoint.load(self.source, engines, ema)
+        loader.load_state_dict(state["loader"])
+        loaded, saved = weights_checksum(engines), state.get("weights_checksum")
+        if saved is not None and abs(loaded - saved) > 1e-12 * max(1.0, abs(saved)):
+            raise checkpoint.CheckpointError(f"checkpoint {self.source} loaded different weights than it saved "
+                                             f"(checksum {loaded!r} != {saved!r}); refusing to train on them")
+        dist.print0(f"resumed from {self.source} at step {state['step']} ({state['images']} images; saved at world "
+                    f"size {state.get('world', '?')}, now {dist.world()}; weights checksum verified)")
+        return state
+
+    def save(self, *, step: int, images: int, engines: dict[str, Any], ema: torch.nn.Module, loader: Any,
+             extra: dict[str, Any], reason: str) -> Path:
+        """COLLECTIVE: write and publish checkpoint `step` (upload queued in the background); `extra` is
+        more of the trainer's state (plain data: the MLflow run id, the partial metrics interval, ...)."""
+        state = {"step": step, "images": images, "loader": loader.state_dict(), "world": dist.world(),
+                 "weights_checksum": weights_checksum(engines), "recipe": config.to_dict(self.cfg),
+                 "code_version": runtime.code_version(), "reason": reason, **extra}
+        c = self.cfg.checkpoint
+        return checkpoint.save(self.run_dir, step, engines, ema, state, keep_last=c.keep_last,
+                               milestone_every_images=c.milestone_every_images, uploader=self.uploader)
+
+    def where(self, path: Path) -> str:
+        """Where checkpoint `path` ends up: its object-storage URL when uploading, else the local folder."""
+        return f"{self.cfg.checkpoint.url.rstrip('/')}/{path.name}" if self.cfg.checkpoint.url else str(path)
+
+    def close(self) -> int:
+        """Wait for queued uploads; the number that failed (0 without object storage)."""
+        if self.uploader is None:
+            return 0
+        failed = self.uploader.wait()
+        if failed:
+            print(f"WARNING: {failed} checkpoint upload(s) to {self.cfg.checkpoint.url} failed; the local "
+                  f"checkpoints in {checkpoint.ckpt_root(self.run_dir)} are complete", flush=True)
+        return failed

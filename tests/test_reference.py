@@ -1,4 +1,4 @@
-"""Parity with the reference WaveDiff / DDGAN code: imported checkpoints, forward, sampling.
+"""Parity with the reference WaveDiff / DDGAN code: initialisation, imported checkpoints, forward, sampling.
 
 The fixtures in tests/fixtures/reference/ were written once by tests/fixtures/make_reference_fixtures.py
 from the reference's own code (imported from a checkout outside this repository); see its docstring. Here
@@ -8,6 +8,7 @@ nothing of the reference runs: its recorded outputs are compared with ours.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -46,6 +47,49 @@ def _imported_generator(name: str, bands: str | None = None):
     G = build_generator(cfg.model, cfg.diffusion)
     G.load_state_dict(reference.convert_generator(_state(tensors), cfg, bands or meta["bands"]))  # strict
     return G.eval(), tensors, meta, cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Initialisation
+# --------------------------------------------------------------------------------------------------
+
+OUR_SEEDS = 4
+
+
+@pytest.mark.parametrize("name", ["celebahq256", "cifar10"])
+def test_every_parameter_starts_from_the_reference_distribution(name: str) -> None:
+    """Per parameter, pooled over seeds: mean and std within 10% of the reference's std, max|w| within 10%
+    (absolute 1e-6 for the near-zero-initialised layers); the parameters are named by the importer's map,
+    and every parameter of ours has its reference statistics."""
+    want = json.loads((FIXTURES / "init_stats.json").read_text())["models"]
+    cfg = config.load(name)
+    acc: dict[str, list[float]] = {}
+    for seed in range(OUR_SEEDS):
+        torch.manual_seed(seed)
+        states = {"G": build_generator(cfg.model, cfg.diffusion).state_dict(),
+                  "D": build_discriminator(cfg.model, cfg.diffusion).state_dict()}
+        for what, state in states.items():
+            for k, v in state.items():
+                v = v.double()
+                a = acc.setdefault(f"{what}/{k}", [0.0, 0.0, 0.0, 0.0])
+                a[0] += v.numel()
+                a[1] += float(v.sum())
+                a[2] += float(v.square().sum())
+                a[3] += float(v.abs().max()) / OUR_SEEDS
+    bad = []
+    for what in ("G", "D"):
+        ref_stats = want[f"{name}/{what}"]
+        ours = {k.split("/", 1)[1]: v for k, v in acc.items() if k.startswith(f"{what}/")}
+        assert set(ours) == set(ref_stats), (set(ours) ^ set(ref_stats))
+        for k, (n, s, s2, amax) in ours.items():
+            mean = s / n
+            std = math.sqrt(max(s2 / n - mean * mean, 0.0))
+            r_mean, r_std, r_amax = ref_stats[k]
+            if not (abs(std - r_std) <= 0.1 * r_std + 1e-6 and abs(mean - r_mean) <= 0.1 * r_std + 1e-6
+                    and abs(amax - r_amax) <= 0.1 * r_amax + 1e-6):
+                bad.append(f"{what} {k}: mean/std/max {mean:.3g}/{std:.3g}/{amax:.3g}, reference "
+                           f"{r_mean:.3g}/{r_std:.3g}/{r_amax:.3g}")
+    assert not bad, f"{len(bad)} parameters differ:\n" + "\n".join(bad[:20])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("foundations", {"storage", "wavelet", "cpu_kernels", "images"}),
     ("math and parts", {"models", "diffusion", "samplers", "data"}),
     ("services", {"checkpoint", "tracking", "metrics"}),
-    ("use of a model", {"inference", "edm", "plan"}),
+    ("use of a model", {"inference", "edm", "plan", "reference"}),
     ("training", {"meters", "steps", "checkpointer", "evaluator", "train"}),
     ("jobs", {"jobs", "submit", "sweep"}),
 ]

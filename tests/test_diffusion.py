@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn as nn
 
@@ -76,6 +78,54 @@ def test_forward_marginals_and_posterior_noise():
     z = torch.zeros(3, 1, 2, 2)
     out = posterior_sample(s, z + 1, z, torch.zeros(3, dtype=torch.long))
     assert torch.allclose(out, s.posterior_c1[0] * (z + 1))
+
+
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference" / "diffusion.safetensors"
+
+
+@pytest.mark.parametrize("T", [1, 2, 4])
+def test_schedule_tables_are_the_reference_float32_tables(T):
+    """The coefficient tables equal those of the reference's diffusion.py (recorded from it by
+    tests/fixtures/make_reference_fixtures.py), bit for bit: float64 schedule, float32 tables."""
+    ref = safetensors.torch.load_file(str(REFERENCE))
+    s = make_schedule(DiffusionConfig(num_timesteps=T))
+    pairs = {"a_s": s.sqrt_alphas, "sigmas": s.sigmas, "a_s_cum": s.sqrt_alpha_bar,
+             "sigmas_cum": s.sqrt_one_minus_alpha_bar, "posterior_mean_coef1": s.posterior_c1,
+             "posterior_mean_coef2": s.posterior_c2, "posterior_variance": s.posterior_var,
+             "posterior_log_variance_clipped": torch.log(s.posterior_var.clamp(min=1e-20))}
+    for name, ours in pairs.items():
+        assert torch.equal(ours, ref[f"T{T}.{name}"]), name
+    assert torch.equal(s.posterior_std, torch.exp(0.5 * ref[f"T{T}.posterior_log_variance_clipped"]))
+
+
+@pytest.mark.parametrize("T", [1, 2, 4])
+def test_q_sample_pairs_draws_its_noises_in_the_reference_order(T):
+    """From the same RNG state: first the step noise eps' of x_{t+1}, then q_sample's eps of x_t (written out
+    here), and the reference's own q_sample_pairs output for that state."""
+    s = make_schedule(DiffusionConfig(num_timesteps=T))
+    ref = safetensors.torch.load_file(str(REFERENCE))
+    x0, t = ref[f"T{T}.x0"], ref[f"T{T}.t"]
+    torch.manual_seed(20 + T)
+    step_noise, noise = torch.randn_like(x0), torch.randn_like(x0)
+    x_t = s.sqrt_alpha_bar[t][:, None, None, None] * x0 + s.sqrt_one_minus_alpha_bar[t][:, None, None, None] * noise
+    x_tp1 = s.sqrt_alphas[t + 1][:, None, None, None] * x_t + s.sigmas[t + 1][:, None, None, None] * step_noise
+    torch.manual_seed(20 + T)
+    ours = q_sample_pairs(s, x0, t)
+    assert torch.equal(ours[0], x_t) and torch.equal(ours[1], x_tp1)
+    assert torch.equal(ours[0], ref[f"T{T}.x_t"]) and torch.equal(ours[1], ref[f"T{T}.x_tp1"])
+
+
+def test_q_sample_at_t0_is_x0_as_in_the_reference():
+    """beta_0 = 1e-8 vanishes in float32 (1 - beta_0 = 1): sqrt(1 - alpha_bar_0) = 0, so x_0 = x0 exactly, as
+    the reference's q_sample gives (its recorded output for noise = 1)."""
+    ref = safetensors.torch.load_file(str(REFERENCE))
+    for T in (1, 2, 4):
+        s = make_schedule(DiffusionConfig(num_timesteps=T))
+        x0 = ref[f"T{T}.x0"]
+        t0 = torch.zeros(x0.shape[0], dtype=torch.long)
+        out = q_sample(s, x0, t0, noise=torch.ones_like(x0))
+        assert torch.equal(out, x0) and torch.equal(out, ref[f"T{T}.q_sample_t0"])
+        assert s.sqrt_one_minus_alpha_bar[0] == 0 and s.sqrt_alpha_bar[0] == 1
 
 
 class CountingG(nn.Module):

@@ -6,12 +6,16 @@ check is deterministic.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,9 +129,12 @@ def test_edm_deterministic_is_algorithm_1_with_2n_minus_1_calls():
             x = x_euler
     assert torch.equal(out, x)
     assert D.sigmas[0] == pytest.approx(80.0) and D.sigmas[-1] == pytest.approx(0.002)
-    # The stochastic path with churn confined to an empty range is the deterministic one as well.
-    out2 = samplers.edm_sampler(g, x_T, num_steps=n, S_churn=40.0, S_min=100.0, S_max=200.0, randn_like=forbid_noise)
-    assert torch.equal(out2, out)
+    # The stochastic path with churn confined to an empty range is the deterministic one as well: it still
+    # draws its noise at every step (as EDM's generate.py), multiplied by 0.
+    draws = []
+    out2 = samplers.edm_sampler(g, x_T, num_steps=n, S_churn=40.0, S_min=100.0, S_max=200.0,
+                                randn_like=lambda x: draws.append(x.dtype) or torch.randn_like(x))
+    assert torch.equal(out2, out) and draws == [F64] * n
     # With churn: still 2N-1 calls, noise per seed, reproducible, and different from the ODE.
     D = Counting(g)
     churned = samplers.edm_sampler(D, x_T, num_steps=n, S_churn=10.0, randn_like=seeded(64).randn_like)
@@ -140,6 +147,95 @@ def test_edm_float32_latents_stay_float32():
     g = mixture()
     out = samplers.edm_sampler(lambda x, s: g(x.double(), s).float(), latents(8, (2,)).float(), num_steps=4)
     assert out.dtype == torch.float32
+
+
+def _official_edm_algorithm_2(D, latents, randn_like, n, S_churn, S_min, S_max, S_noise):
+    """EDM's stochastic sampler as its generate.py runs it, written out from the paper's Algorithm 2 and that
+    script's order of operations: a float64 chain, and at EVERY step (gamma = 0 or not) eps = randn_like(x)
+    drawn before the step's first network call, x_hat = x + sqrt(t_hat^2 - t^2) S_noise eps."""
+    t = [(80.0 ** (1 / 7) + i / (n - 1) * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7 for i in range(n)] + [0.0]
+    x = latents.to(F64) * t[0]
+    for i in range(n):
+        gamma = min(S_churn / n, math.sqrt(2) - 1) if S_min <= t[i] <= S_max else 0.0
+        t_hat = t[i] + gamma * t[i]
+        eps = randn_like(x)
+        x_hat = x + math.sqrt(t_hat ** 2 - t[i] ** 2) * S_noise * eps
+        d = (x_hat - D(x_hat, torch.full((x.shape[0],), t_hat, dtype=F64))) / t_hat
+        x_next = x_hat + (t[i + 1] - t_hat) * d
+        if i < n - 1:
+            d2 = (x_next - D(x_next, torch.full((x.shape[0],), t[i + 1], dtype=F64))) / t[i + 1]
+            x_next = x_hat + (t[i + 1] - t_hat) * (0.5 * d + 0.5 * d2)
+        x = x_next
+    return x
+
+
+@pytest.mark.parametrize("churn", [dict(S_churn=40.0, S_min=0.05, S_max=50.0, S_noise=1.003),
+                                   dict(S_churn=10.0, S_min=0.0, S_max=float("inf"), S_noise=1.0),
+                                   dict(S_churn=30.0, S_min=5.0, S_max=20.0, S_noise=1.0)])
+def test_edm_stochastic_draws_its_noise_where_edm_generate_py_does(churn):
+    """Same latents, same per-seed noise stream -> the same samples as EDM's sampler, also when S_min/S_max
+    leave steps without churn (the noise of those steps is still drawn, times 0): float32 latents, a float64
+    chain and float64 noise, as generate.py."""
+    g = mixture()
+    seeds = list(range(24))
+    lat = seeded(24).randn([24, 2])  # float32, as generate.py's latents
+    n = 12
+    draws = []
+    rnd = seeded(24)
+
+    def counting(x):
+        draws.append(x.dtype)
+        return rnd.randn_like(x)
+
+    ours = samplers.edm_sampler(g, lat, num_steps=n, randn_like=counting, **churn)
+    want = _official_edm_algorithm_2(g, lat, StackedRandomGenerator("cpu", seeds).randn_like, n, **churn)
+    assert draws == [F64] * n and ours.dtype == torch.float32
+    assert torch.equal(ours, want.float())
+    assert torch.equal(samplers.edm_sampler(g, lat.double(), num_steps=n, randn_like=seeded(24).randn_like, **churn),
+                       want)
+
+
+def test_generalized_sampler_with_churn_draws_at_every_step():
+    g, lat, n = mixture(), latents(8, (2,)), 9
+    for solver in ("heun", "euler"):
+        draws: list[torch.dtype] = []
+
+        def counting(x, draws=draws):
+            draws.append(x.dtype)
+            return torch.randn_like(x)
+
+        samplers.generalized_sampler(g, lat, num_steps=n, solver=solver, discretization="vp", schedule="vp",
+                                     scaling="vp", S_churn=30.0, S_min=0.1, S_max=20.0, randn_like=counting)
+        assert draws == [F64] * n
+    samplers.generalized_sampler(g, lat, num_steps=n, randn_like=forbid_noise)  # S_churn = 0: no draws
+
+
+def _edm_fixture():
+    path = Path(__file__).resolve().parent / "fixtures" / "reference" / "edm_samplers.safetensors"
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    return safetensors.torch.load_file(str(path)), meta
+
+
+def test_edm_samplers_equal_the_official_code():
+    """Outputs of NVlabs/edm generate.py's edm_sampler and ablation_sampler (recorded by
+    tests/fixtures/make_reference_fixtures.py on the same analytic mixture, seeds 0..15, its
+    StackedRandomGenerator): stochastic runs with churn on part of the steps, the VP/VE/EDM schedules,
+    Heun and Euler, and the deterministic sampler."""
+    tensors, meta = _edm_fixture()
+    g = GaussianMixture(**json.loads(meta["mixture"]))
+    seeds = json.loads(meta["seeds"])
+    for name, (kind, kwargs) in json.loads(meta["cases"]).items():
+        rnd = StackedRandomGenerator("cpu", seeds)
+        lat = rnd.randn([len(seeds), 2])
+        assert torch.equal(lat, tensors[f"{name}.latents"])  # the same per-seed latents as the official
+        fn = samplers.edm_sampler if kind == "edm" else samplers.generalized_sampler
+        ours = fn(g, lat.double(), randn_like=rnd.randn_like, **kwargs)  # float64 out, to compare all digits
+        want = tensors[f"{name}.out"]
+        assert float((ours - want).abs().max()) <= 1e-12 * max(1.0, float(want.abs().max())), name
+        rnd = StackedRandomGenerator("cpu", seeds)
+        lat = rnd.randn([len(seeds), 2])  # float32 latents in: the same chain, the result in float32
+        assert torch.equal(fn(g, lat, randn_like=rnd.randn_like, **kwargs), ours.float())
 
 
 @pytest.mark.parametrize(("solver", "band"), [("heun", (3.0, 5.0)), ("euler", (1.6, 2.4))])
@@ -251,13 +347,47 @@ def test_fastdpm_continuous_alpha_bar_and_its_inverse():
         samplers.fastdpm_step_from_alpha_bar(1e-6)
 
 
+def _official_step(S: int, spacing: str, T: int = 1000) -> list[int]:
+    """FastDPM's STEP steps as its get_STEP_step computes them (ascending), with its float rounding:
+    linear floor(i * c) with c = (T - 1.0) / (S - 1.0) computed first; quadratic int() of the squares of
+    numpy.linspace(0, sqrt(T * 0.8), S)."""
+    if spacing == "linear":
+        c = (T - 1.0) / (S - 1.0)
+        return [math.floor(i * c) for i in range(S)]
+    return [int(v) for v in np.linspace(0, np.sqrt(T * 0.8), S) ** 2]
+
+
 def test_fastdpm_step_schedules():
     lin = samplers.fastdpm_schedule("step", "linear", 10)
-    assert lin.dtype == F64 and lin.tolist() == [float(np.floor(i * 999 / 9)) for i in range(9, -1, -1)]
+    assert lin.dtype == F64 and lin.tolist() == [float(v) for v in reversed(_official_step(10, "linear"))]
     assert samplers.fastdpm_schedule("step", "linear", 1000).tolist() == list(range(999, -1, -1))
     quad = samplers.fastdpm_schedule("step", "quadratic", 50)
-    want = [float(int((i * math.sqrt(800) / 49) ** 2)) for i in range(49, -1, -1)]
-    assert quad.tolist() == want and quad[-1] == 0 and quad[-2] == 0  # the official schedule repeats 0
+    assert quad.tolist() == [float(v) for v in reversed(_official_step(50, "quadratic"))]
+    assert quad[-1] == 0 and quad[-2] == 0  # the official schedule repeats 0
+
+
+def test_fastdpm_step_schedules_are_the_official_for_every_step_count():
+    """Every S in 2..1000, both spacings: the official code's steps (its formulas above, and short hashes of
+    what FengNiMa/FastDPM_pytorch's get_STEP_step returned, recorded by the fixture script). The algebraically
+    equal formulas without its float rounding differ from it for hundreds of step counts."""
+    path = Path(__file__).resolve().parent / "fixtures" / "reference" / "fastdpm_step.json"
+    recorded = json.loads(path.read_text())
+    for spacing in ("linear", "quadratic"):
+        for S, steps in recorded["lists"][spacing].items():
+            assert _official_step(int(S), spacing) == steps
+        differ_naive = 0
+        for S in range(2, 1001):
+            ours = [int(v) for v in reversed(samplers.fastdpm_schedule("step", spacing, S).tolist())]
+            official = _official_step(S, spacing)
+            assert ours == official, (spacing, S)
+            digest = hashlib.sha256(",".join(str(v) for v in ours).encode()).hexdigest()[:16]
+            assert digest == recorded["hashes"][spacing][str(S)], (spacing, S)
+            if spacing == "linear":
+                naive = [i * (1000 - 1) // (S - 1) for i in range(S)]
+            else:
+                naive = [math.floor((i * math.sqrt(800) / (S - 1)) ** 2) for i in range(S)]
+            differ_naive += naive != official
+        assert differ_naive >= 100, (spacing, differ_naive)
 
 
 @pytest.mark.parametrize(("spacing", "steps"), [("linear", 10), ("linear", 20), ("quadratic", 30)])

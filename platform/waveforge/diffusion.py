@@ -6,7 +6,8 @@ wavelet subbands (B, 4*channels, R/2, R/2) in [-1, 1]; t is a LongTensor (B,) wi
 Process (T steps, t_i = 1e-3 + (1 - 1e-3) i / T, i = 0..T):
     VP: sigma^2(t) = 1 - exp(-beta_min t - (beta_max - beta_min) t^2 / 2), alpha_bar_i = 1 - sigma^2(t_i)
     (geometric: sigma^2(t) = beta_min (beta_max / beta_min)^t);  beta_i = 1 - alpha_bar_i / alpha_bar_{i-1},
-    beta_0 = 1e-8.  q_sample: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (t = 0..T-1);
+    beta_0 = 1e-8 (tables in float32, computed as the reference computes them: `make_schedule`).
+    q_sample: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (t = 0..T-1);
     pair: x_{t+1} = sqrt(1 - beta_{t+1}) x_t + sqrt(beta_{t+1}) eps'.  The generator predicts x0 from
     x_{t+1}; x_t is drawn from the Gaussian posterior q(x_t | x_{t+1}, x0_hat).
 """
@@ -31,19 +32,19 @@ EPS_T = 1e-3  # first diffusion time (t_0)
 
 @dataclass
 class Schedule:
-    """Coefficient tables (float32). Index [t] of the (T+1,) tables is step t; of the (T,) posterior tables,
-    index [t] describes x_t given x_{t+1}."""
+    """Coefficient tables (float32, computed as the reference computes them, see `make_schedule`). Index [t]
+    of the (T+1,) tables is step t; of the (T,) posterior tables, index [t] describes x_t given x_{t+1}."""
 
     num_timesteps: int
     betas: torch.Tensor  # (T+1,) beta_i, beta_0 = 1e-8
     sqrt_alphas: torch.Tensor  # (T+1,) sqrt(1 - beta_i): x_{i} -> x_{i+1} signal factor
     sigmas: torch.Tensor  # (T+1,) sqrt(beta_i): x_{i} -> x_{i+1} noise factor
     sqrt_alpha_bar: torch.Tensor  # (T+1,) sqrt(alpha_bar_i) = prod_{j<=i} sqrt(1 - beta_j)
-    sqrt_one_minus_alpha_bar: torch.Tensor  # (T+1,)
+    sqrt_one_minus_alpha_bar: torch.Tensor  # (T+1,) sqrt(1 - sqrt_alpha_bar^2); 0 at t = 0 in float32
     posterior_c1: torch.Tensor  # (T,) coefficient of x0_hat in the posterior mean
     posterior_c2: torch.Tensor  # (T,) coefficient of x_{t+1}
     posterior_var: torch.Tensor  # (T,)
-    posterior_std: torch.Tensor  # (T,) sqrt(var) (0 at t = 0, where no noise is added)
+    posterior_std: torch.Tensor  # (T,) exp(log(max(var, 1e-20)) / 2) (1e-10 at t = 0, where no noise is added)
 
     def to(self, device: torch.device | str) -> Schedule:
         return Schedule(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
@@ -51,7 +52,14 @@ class Schedule:
 
 
 def make_schedule(dcfg: DiffusionConfig, device: torch.device | str = "cpu") -> Schedule:
-    """The coefficient tables of the recipe's process (computed in float64, stored as float32)."""
+    """The coefficient tables of the recipe's process, computed step for step as the reference's diffusion.py
+    computes them: the times and the noise variances in float64, the betas rounded to float32, and every
+    table from there in float32 arithmetic (so a sampling or training step uses the reference's numbers).
+
+    One consequence worth knowing: beta_0 = 1e-8 rounds away in 1 - beta_0 (float32), so sqrt_alpha_bar[0] = 1
+    and sqrt_one_minus_alpha_bar[0] = 0: q_sample at t = 0 returns x0 itself, as the reference's does (the
+    float64 value would be a noise std of 1e-4).
+    """
     T = dcfg.num_timesteps
     if T < 1:
         raise ValueError(f"num_timesteps must be >= 1, got {T}")
@@ -59,34 +67,38 @@ def make_schedule(dcfg: DiffusionConfig, device: torch.device | str = "cpu") -> 
     if dcfg.use_geometric:
         var = dcfg.beta_min * (dcfg.beta_max / dcfg.beta_min) ** t
     else:
-        var = 1.0 - torch.exp(-dcfg.beta_min * t - 0.5 * (dcfg.beta_max - dcfg.beta_min) * t ** 2)
+        log_mean_coeff = -0.25 * t ** 2 * (dcfg.beta_max - dcfg.beta_min) - 0.5 * t * dcfg.beta_min
+        var = 1.0 - torch.exp(2.0 * log_mean_coeff)
     alpha_bars = 1.0 - var
     if not bool((alpha_bars > 0).all()):
         raise ValueError(f"diffusion schedule: beta_min={dcfg.beta_min}, beta_max={dcfg.beta_max} "
                          f"(geometric={dcfg.use_geometric}) gives a noise variance >= 1; lower beta_max")
-    betas = torch.cat([torch.tensor([1e-8], dtype=torch.float64), 1.0 - alpha_bars[1:] / alpha_bars[:-1]])
+    betas64 = torch.cat([torch.tensor([1e-8], dtype=torch.float64), 1.0 - alpha_bars[1:] / alpha_bars[:-1]])
+    betas = betas64.to(torch.float32)
     sqrt_alphas = torch.sqrt(1.0 - betas)
     sqrt_alpha_bar = torch.cumprod(sqrt_alphas, 0)
+    # The reference takes this root with NumPy (correctly rounded; torch's float32 CPU sqrt can be 1 ulp off):
+    # the root of the float32 value, taken in float64 and rounded once, is that.
+    sqrt_one_minus_alpha_bar = torch.sqrt((1.0 - sqrt_alpha_bar ** 2).double()).float()
     # Posterior tables over the T transitions (beta'_k = beta_{k+1}, alpha_bar'_{-1} = 1).
     pb = betas[1:]
     pa = 1.0 - pb
     pab = torch.cumprod(pa, 0)
-    pab_prev = torch.cat([torch.ones(1, dtype=torch.float64), pab[:-1]])
+    pab_prev = torch.cat([torch.ones(1, dtype=torch.float32), pab[:-1]])
     var_post = pb * (1.0 - pab_prev) / (1.0 - pab)
     c1 = pb * torch.sqrt(pab_prev) / (1.0 - pab)
     c2 = (1.0 - pab_prev) * torch.sqrt(pa) / (1.0 - pab)
-    f32 = dict(dtype=torch.float32, device=device)
     return Schedule(
         num_timesteps=T,
-        betas=betas.to(**f32),
-        sqrt_alphas=sqrt_alphas.to(**f32),
-        sigmas=torch.sqrt(betas).to(**f32),
-        sqrt_alpha_bar=sqrt_alpha_bar.to(**f32),
-        sqrt_one_minus_alpha_bar=torch.sqrt(1.0 - sqrt_alpha_bar ** 2).to(**f32),
-        posterior_c1=c1.to(**f32),
-        posterior_c2=c2.to(**f32),
-        posterior_var=var_post.to(**f32),
-        posterior_std=torch.sqrt(var_post.clamp(min=0.0)).to(**f32),
+        betas=betas.to(device),
+        sqrt_alphas=sqrt_alphas.to(device),
+        sigmas=torch.sqrt(betas).to(device),
+        sqrt_alpha_bar=sqrt_alpha_bar.to(device),
+        sqrt_one_minus_alpha_bar=sqrt_one_minus_alpha_bar.to(device),
+        posterior_c1=c1.to(device),
+        posterior_c2=c2.to(device),
+        posterior_var=var_post.to(device),
+        posterior_std=torch.exp(0.5 * torch.log(var_post.clamp(min=1e-20))).to(device),
     )
 
 
@@ -101,16 +113,21 @@ def _check_t(sched: Schedule, t: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
+    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise (with the float32 tables: x0 itself at t = 0)."""
     _check_t(sched, t, x0)
     noise = torch.randn_like(x0) if noise is None else noise
     return _at(sched.sqrt_alpha_bar, t, x0) * x0 + _at(sched.sqrt_one_minus_alpha_bar, t, x0) * noise
 
 
 def q_sample_pairs(sched: Schedule, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, x_{t+1}) for t in 0..T-1: x_t from q_sample, then one forward step with fresh noise."""
+    """(x_t, x_{t+1}) for t in 0..T-1: x_t from q_sample, then one forward step with fresh noise.
+
+    The two noises are drawn in the reference's order: first the step's noise eps' (for x_{t+1}), then
+    q_sample's eps (for x_t), both with torch.randn_like; so from the same RNG state the pair is the
+    reference's pair."""
+    step_noise = torch.randn_like(x0)
     x_t = q_sample(sched, x0, t)
-    x_tp1 = _at(sched.sqrt_alphas, t + 1, x0) * x_t + _at(sched.sigmas, t + 1, x0) * torch.randn_like(x0)
+    x_tp1 = _at(sched.sqrt_alphas, t + 1, x0) * x_t + _at(sched.sigmas, t + 1, x0) * step_noise
     return x_t, x_tp1
 
 

@@ -15,7 +15,9 @@ Conventions. A denoiser is D(x (B,...), sigma (B,) float64) -> x0 estimate with 
 dtype here); an eps-model is eps(x_t (B,...), tau (B,) float64) with tau a continuous DDPM step in
 [0, T-1]. Every sampler takes `latents` ~ N(0, I) and draws further noise only through `randn_like`, so
 with a StackedRandomGenerator's randn_like sample i depends on seeds[i] alone. Time grids are float64;
-x stays in latents' dtype. A NoiseFilter M applies to the initial sample and to every per-step noise.
+the EDM samplers run their chain in float64 as EDM's generate.py does (drawing float64 noise), the others
+in latents' dtype; every sampler returns latents' dtype. A NoiseFilter M applies to the initial sample and
+to every per-step noise.
 """
 
 from __future__ import annotations
@@ -122,27 +124,32 @@ def edm_sampler(denoise: Denoiser, latents: torch.Tensor, *, num_steps: int = 18
                 sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0, S_min: float = 0.0,
                 S_max: float = float("inf"), S_noise: float = 1.0, randn_like: RandnLike = torch.randn_like,
                 noise_filter: NoiseFilter | None = None) -> torch.Tensor:
-    """EDM's sampler (Karras et al. 2022, Algorithm 2; S_churn=0 is the deterministic Algorithm 1).
+    """EDM's sampler (Karras et al. 2022, Algorithm 2; S_churn=0 is the deterministic Algorithm 1), step for
+    step as EDM's generate.py runs it.
 
     x = latents sigma_0; per step: gamma = min(S_churn/N, sqrt 2 - 1) on S_min <= t_i <= S_max, t_hat =
     (1 + gamma) t_i, x_hat = x + sqrt(t_hat^2 - t_i^2) S_noise eps; Euler d = (x_hat - D(x_hat; t_hat))/t_hat,
-    then Heun's correction except on the last step (Euler to 0). NFE = 2N - 1. Noise is drawn only where
-    gamma > 0 (so S_churn=0 never calls randn_like)."""
+    then Heun's correction except on the last step (Euler to 0). NFE = 2N - 1. As in generate.py the chain
+    runs in float64 (the result comes back in latents' dtype) and, with S_churn > 0, eps = randn_like(x) is
+    drawn at EVERY step, also where gamma = 0 (there it is multiplied by 0): the same latents and the same
+    per-seed noise stream (StackedRandomGenerator) give the official sampler's images. With S_churn = 0 no
+    noise is drawn (the official draws and multiplies it by 0; nothing depends on it)."""
     t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).tolist()
     n = len(t_steps) - 1
-    x = (latents if noise_filter is None else noise_filter.apply(latents)) * t_steps[0]
+    x0 = latents.to(torch.float64)
+    x = (x0 if noise_filter is None else noise_filter.apply(x0)) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         gamma = min(S_churn / n, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
         t_hat = t_cur + gamma * t_cur
         x_hat = x
-        if gamma > 0:
+        if S_churn > 0:  # drawn at every step of a stochastic run, where generate.py draws it
             x_hat = x + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * _noise(x, randn_like, noise_filter)
         d_cur = (x_hat - _call(denoise, x_hat, t_hat)) / t_hat  # Euler step
         x = x_hat + (t_next - t_hat) * d_cur
         if i < n - 1:  # second-order correction
             d_prime = (x - _call(denoise, x, t_next)) / t_next
             x = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-    return x
+    return x.to(latents.dtype)
 
 
 # VP defaults of the ablation sampler (EDM paper, Table 1: beta_d = 19.9, beta_min = 0.1).
@@ -171,7 +178,11 @@ def generalized_sampler(denoise: Denoiser, latents: torch.Tensor, *, num_steps: 
     2nd-order one (alpha = 1: Heun). Default sigma range per discretisation: vp (sigma(eps_s), sigma(1)) at
     beta_d = 19.9, beta_min = 0.1 (Table 1; EDM's generate.py computes these two defaults with 19.1);
     ve (0.02, 100); iddpm (0.002, 81); edm (0.002, 80). No round_sigma (the network's sigma grid) is applied.
-    NFE: heun 2N-1, euler N. (edm, linear, none, heun) is edm_sampler (to float round-off)."""
+    NFE: heun 2N-1, euler N. (edm, linear, none, heun) is edm_sampler (to float round-off). As in EDM's
+    generate.py the chain runs in float64 (returned in latents' dtype) and, with S_churn > 0, the noise
+    randn_like(x) is drawn at every step and added scaled by sqrt(max(sigma(t_hat)^2 - sigma(t_cur)^2, 0)),
+    also where gamma = 0: the same latents and noise stream give the official sampler's result. With
+    S_churn = 0 no noise is drawn."""
     n = _check_steps(num_steps)
     _choice("solver", solver, ("euler", "heun"))
     _choice("discretization", discretization, ("vp", "ve", "iddpm", "edm"))
@@ -266,12 +277,13 @@ def generalized_sampler(denoise: Denoiser, latents: torch.Tensor, *, num_steps: 
                 - sigma_deriv(t) * s_of(t) / sigma(t) * denoised)
 
     t_steps = [sigma_inv(float(s)) for s in sigma_steps] + [0.0]
-    x = (latents if noise_filter is None else noise_filter.apply(latents)) * (sigma(t_steps[0]) * s_of(t_steps[0]))
+    x0 = latents.to(torch.float64)
+    x = (x0 if noise_filter is None else noise_filter.apply(x0)) * (sigma(t_steps[0]) * s_of(t_steps[0]))
     for i_step, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         gamma = min(S_churn / n, math.sqrt(2) - 1) if S_min <= sigma(t_cur) <= S_max else 0.0
         t_hat = sigma_inv(sigma(t_cur) + gamma * sigma(t_cur))
         x_hat = s_of(t_hat) / s_of(t_cur) * x
-        if gamma > 0:
+        if S_churn > 0:  # drawn at every step of a stochastic run, where generate.py draws it
             scale = math.sqrt(max(sigma(t_hat) ** 2 - sigma(t_cur) ** 2, 0.0)) * s_of(t_hat) * S_noise
             x_hat = x_hat + scale * _noise(x, randn_like, noise_filter)
         h = t_next - t_hat
@@ -283,7 +295,7 @@ def generalized_sampler(denoise: Denoiser, latents: torch.Tensor, *, num_steps: 
             x_prime = x_hat + alpha * h * d_cur
             d_prime = deriv(x_prime, t_prime)
             x = x_hat + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
-    return x
+    return x.to(latents.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,8 +384,11 @@ def fastdpm_schedule(kind: str = "var", spacing: str = "linear", num_steps: int 
     """FastDPM's continuous steps tau (Kong & Ping 2021, Sec. 4.2), float64 (S,), in sampling order
     (largest first, last ~ 0).
 
-    STEP: linear tau_i = floor(i (T-1)/(S-1)); quadratic tau_i = int((i sqrt(0.8 T)/(S-1))^2) (the official
-    definition; it repeats 0 for large S, a repeated step leaves x unchanged).
+    STEP (the official get_STEP_step, its float rounding included): linear tau_i = floor(i c) with
+    c = (T - 1.0)/(S - 1.0) computed first; quadratic tau_i = int(l_i^2) with l = numpy.linspace(0,
+    sqrt(T 0.8), S) (it repeats 0 for large S; a repeated step leaves x unchanged). The rounding matters:
+    the algebraically equal floor(i (T-1)/(S-1)) and floor((i sqrt(0.8 T)/(S-1))^2) give other steps for
+    hundreds of step counts.
     VAR: variances eta (linear: linspace(beta_0, x, S); quadratic: beta_0 (1 + i x)^2) with x found by
     bisection so that prod(1 - eta) = alpha_bar_T = prod(1 - betas); gamma_bar_s = prod_{s'<=s}(1 - eta_s');
     tau_s = T^-1(gamma_bar_s). Where no x in the official range (linear x <= 0.99, quadratic
@@ -387,11 +402,11 @@ def fastdpm_schedule(kind: str = "var", spacing: str = "linear", num_steps: int 
     if S > T:
         raise ValueError(f"num_steps={S} is out of range: at most T={T}")
     if kind == "step":
-        i = np.arange(S)
         if spacing == "linear":
-            taus = np.floor(i * (T - 1) / (S - 1))
+            c = (T - 1.0) / (S - 1.0)
+            taus = np.floor(np.arange(S) * c)
         else:
-            taus = np.floor((i * math.sqrt(0.8 * T) / (S - 1)) ** 2)
+            taus = np.floor(np.linspace(0.0, math.sqrt(T * 0.8), S) ** 2)
         return torch.from_numpy(taus[::-1].astype(np.float64).copy())
 
     betas = np.linspace(beta_0, beta_T, T)

@@ -8,6 +8,10 @@ sum over positions; Linear -> 1.
 - small variant (d_layers <= 4, the reference's for 32-64 px): the first block keeps the resolution,
   the others halve it; channels 2, 4, 8, 8, ... x d_nf;
 - large variant (d_layers >= 5): every block halves the resolution; channels 4, 8, 8, ... x d_nf.
+
+Every layer is initialised as the reference's (DDGAN's dense_layer.py): uniform variance scaling over
+fan_out (see waveforge.models.layers), biases zero; the last conv of each block starts near zero (scale 0),
+and so does the small variant's final conv.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch.nn.functional as F
 from waveforge.config import DiffusionConfig, ModelConfig
 from waveforge.models.layers import blur_downsample, conv2d, linear, timestep_embedding
 
+FAN_OUT = "fan_out"  # the reference discriminator's init mode for every layer
+
 
 class DownBlock(nn.Module):
     """LeakyReLU -> conv3x3 -> + Linear(t_emb) -> LeakyReLU -> [blur downsample] -> conv3x3; skip: [blur] -> 1x1."""
@@ -28,10 +34,10 @@ class DownBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, t_emb_dim: int, downsample: bool):
         super().__init__()
         self.downsample = downsample
-        self.conv0 = conv2d(in_ch, out_ch, 3)
-        self.temb = linear(t_emb_dim, out_ch)
-        self.conv1 = conv2d(out_ch, out_ch, 3, init_scale=0.0)
-        self.skip = conv2d(in_ch, out_ch, 1, bias=False)
+        self.conv0 = conv2d(in_ch, out_ch, 3, init_mode=FAN_OUT)
+        self.temb = linear(t_emb_dim, out_ch, init_mode=FAN_OUT)
+        self.conv1 = conv2d(out_ch, out_ch, 3, init_scale=0.0, init_mode=FAN_OUT)
+        self.skip = conv2d(in_ch, out_ch, 1, bias=False, init_mode=FAN_OUT)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv0(F.leaky_relu(x, 0.2))
@@ -64,8 +70,9 @@ class Discriminator(nn.Module):
         self.res = mcfg.resolution // 2
         self.t_emb_dim = td
         self.small = n <= 4
-        self.temb = nn.Sequential(linear(td, td), nn.LeakyReLU(0.2), linear(td, td))
-        self.conv_in = conv2d(2 * self.in_ch, 2 * nf, 1)
+        self.temb = nn.Sequential(linear(td, td, init_mode=FAN_OUT), nn.LeakyReLU(0.2),
+                                  linear(td, td, init_mode=FAN_OUT))
+        self.conv_in = conv2d(2 * self.in_ch, 2 * nf, 1, init_mode=FAN_OUT)
         if self.small:
             widths = [2, 2, 4] + [8] * (n - 2)  # block i maps widths[i] -> widths[i + 1]
             downs = [False] + [True] * (n - 1)
@@ -75,8 +82,8 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleList(
             DownBlock(widths[i] * nf, widths[i + 1] * nf, td, downs[i]) for i in range(n))
         ch = widths[n] * nf
-        self.conv_out = conv2d(ch + 1, ch, 3, init_scale=0.0 if self.small else 1.0)
-        self.linear_out = linear(ch, 1)
+        self.conv_out = conv2d(ch + 1, ch, 3, init_scale=0.0 if self.small else 1.0, init_mode=FAN_OUT)
+        self.linear_out = linear(ch, 1, init_mode=FAN_OUT)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, x_tp1: torch.Tensor) -> torch.Tensor:
         for name, x in (("x_t", x_t), ("x_tp1", x_tp1)):

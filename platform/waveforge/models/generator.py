@@ -77,9 +77,10 @@ class Generator(nn.Module):
         self.temb = nn.Sequential(linear(nf, temb_dim), nn.SiLU(), linear(temb_dim, temb_dim))
         self.mapping = None
         if self.latent:
-            mapping: list[nn.Module] = [PixelNorm(), linear(mcfg.nz, zdim), nn.SiLU()]
+            # fan_out init: the reference builds the mapping network with DDGAN's dense_layer.dense
+            mapping: list[nn.Module] = [PixelNorm(), linear(mcfg.nz, zdim, init_mode="fan_out"), nn.SiLU()]
             for _ in range(mcfg.n_mlp):
-                mapping += [linear(zdim, zdim), nn.SiLU()]
+                mapping += [linear(zdim, zdim, init_mode="fan_out"), nn.SiLU()]
             self.mapping = nn.Sequential(*mapping)
 
         # Encoder. `skips` tracks the channels of every tensor pushed for the decoder.

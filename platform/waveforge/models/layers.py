@@ -1,13 +1,19 @@
 """Building blocks of the WaveDiff generator and discriminator (plain torch, no custom ops).
 
-Initialisation follows the DDPM/NCSN++ convention: uniform variance scaling over fan_avg with a
-per-layer scale (scale 0 = a near-zero init of the last conv of a residual branch).
+Initialisation is the reference's, layer by layer: uniform variance scaling with a per-layer scale
+(scale 0 = a near-zero init, 1e-10, of the last conv of a residual branch) over fan_avg for the NCSN++
+layers (DDPM's `default_init`), and over fan_out for the layers the reference builds with DDGAN's
+`dense_layer.py` (every layer of the discriminator, the generator's latent mapping network and its
+adaptive-GroupNorm style layers): that file's "fan_avg" mode computes fan_out, so those layers start with
+var = scale / fan_out (the discriminator's final linear layer 512 -> 1 with std 1). Training starts from
+the paper's weight distribution; `tests/test_reference.py` compares every parameter's statistics with
+the reference's.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -21,29 +27,38 @@ from waveforge.wavelet import dwt, idwt_bands
 # --------------------------------------------------------------------------------------------------
 
 
-def init_fan_avg_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Uniform variance scaling (fan_avg) in place: var = scale / ((fan_in + fan_out) / 2)."""
+InitMode = Literal["fan_avg", "fan_out"]
+
+
+def init_variance_scaling_(weight: torch.Tensor, scale: float = 1.0, mode: InitMode = "fan_avg") -> torch.Tensor:
+    """Uniform variance scaling in place: var = scale / fan with fan = (fan_in + fan_out) / 2 ("fan_avg") or
+    fan_out ("fan_out"); fan_in = weight.shape[1] x receptive field, fan_out = weight.shape[0] x receptive
+    field (of the weight as stored, so a grouped conv counts its per-group inputs). scale 0 means 1e-10."""
+    if mode not in ("fan_avg", "fan_out"):
+        raise ValueError(f"init mode must be fan_avg or fan_out, got {mode!r}")
     scale = 1e-10 if scale == 0 else scale
     receptive = math.prod(weight.shape[2:])
     fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
-    bound = math.sqrt(3.0 * scale / ((fan_in + fan_out) / 2))
+    fan = (fan_in + fan_out) / 2 if mode == "fan_avg" else max(1, fan_out)
+    bound = math.sqrt(3.0 * scale / fan)
     with torch.no_grad():
         return weight.uniform_(-bound, bound)
 
 
 def conv2d(in_ch: int, out_ch: int, kernel: int = 3, init_scale: float = 1.0, bias: bool = True,
-           groups: int = 1) -> nn.Conv2d:
-    """Same-padded conv with fan_avg init and zero bias."""
+           groups: int = 1, init_mode: InitMode = "fan_avg") -> nn.Conv2d:
+    """Same-padded conv with variance-scaling init (`init_variance_scaling_`) and zero bias."""
     conv = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=bias, groups=groups)
-    init_fan_avg_(conv.weight, init_scale)
+    init_variance_scaling_(conv.weight, init_scale, init_mode)
     if bias:
         nn.init.zeros_(conv.bias)
     return conv
 
 
-def linear(in_dim: int, out_dim: int, init_scale: float = 1.0) -> nn.Linear:
+def linear(in_dim: int, out_dim: int, init_scale: float = 1.0, init_mode: InitMode = "fan_avg") -> nn.Linear:
+    """Linear layer with variance-scaling init (`init_variance_scaling_`) and zero bias."""
     lin = nn.Linear(in_dim, out_dim)
-    init_fan_avg_(lin.weight, init_scale)
+    init_variance_scaling_(lin.weight, init_scale, init_mode)
     nn.init.zeros_(lin.bias)
     return lin
 
@@ -180,7 +195,7 @@ class BlurDownConv(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.weight = nn.Parameter(init_fan_avg_(torch.empty(out_ch, in_ch, 3, 3)))
+        self.weight = nn.Parameter(init_variance_scaling_(torch.empty(out_ch, in_ch, 3, 3)))
         self.bias = nn.Parameter(torch.zeros(out_ch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +222,8 @@ class WaveletDownConv(nn.Module):
 
 
 class AdaptiveGroupNorm(nn.Module):
-    """GroupNorm without affine, then gamma * h + beta with (gamma, beta) = Linear(z_emb); gamma starts at 1.
+    """GroupNorm without affine, then gamma * h + beta with (gamma, beta) = Linear(z_emb) (fan_out init, as the
+    reference's); gamma starts at 1.
 
     z_dim = 0 (a network without a latent, e.g. the EDM denoiser): a plain GroupNorm with learned affine.
     """
@@ -215,7 +231,7 @@ class AdaptiveGroupNorm(nn.Module):
     def __init__(self, channels: int, z_dim: int):
         super().__init__()
         self.norm = group_norm(channels, affine=z_dim == 0)
-        self.style = linear(z_dim, 2 * channels) if z_dim > 0 else None
+        self.style = linear(z_dim, 2 * channels, init_mode="fan_out") if z_dim > 0 else None
         if self.style is not None:
             with torch.no_grad():
                 self.style.bias[:channels] = 1.0
@@ -260,7 +276,7 @@ class AttnBlock(nn.Module):
         self.qkv = conv2d(channels, 3 * channels, 1)
         with torch.no_grad():  # q, k, v each initialised as its own C x C layer
             for i in range(3):
-                init_fan_avg_(self.qkv.weight[i * channels:(i + 1) * channels], 0.1)
+                init_variance_scaling_(self.qkv.weight[i * channels:(i + 1) * channels], 0.1)
         self.proj = conv2d(channels, channels, 1, init_scale=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from waveforge import config, diffusion, evaluate, reference
+from waveforge import config, diffusion, inference, reference
+from waveforge.images import to_uint8
 from waveforge.models import build_discriminator, build_generator
 from waveforge.wavelet import from_wavelet, to_wavelet
 
@@ -147,7 +148,7 @@ def test_band_order_conversion() -> None:
 
 @pytest.mark.parametrize("name", ["g_plain", "g_wavelet_patch"])
 def test_sampling_an_imported_export_gives_the_reference_samples(name: str, tmp_path: Path) -> None:
-    """netG_*.pth (DDP prefix) -> import -> export folder -> evaluate.load_generator + generator_fn (what
+    """netG_*.pth (DDP prefix) -> import -> export folder -> inference.load_generator + generator_fn (what
     jobs/sample.py and jobs/evaluate.py run): the images of seeds 0..2 are those of the reference's
     sample_from_model with torch.manual_seed(seed) (same weights, same random numbers; pytorch_wavelets
     output transform: the band order in which the reference's noise lands in the same bands as ours)."""
@@ -158,7 +159,7 @@ def test_sampling_an_imported_export_gives_the_reference_samples(name: str, tmp_
     assert summary["kind"] == "generator" and summary["bands"] == "pytorch_wavelets"
     info = json.loads((tmp_path / "export" / "model_config.json").read_text())
     assert info["epoch"] == 12 and info["reference"]["kind"] == "generator"
-    G, run_cfg, _ = evaluate.load_generator(str(tmp_path / "export"))
+    G, run_cfg, _ = inference.load_generator(str(tmp_path / "export"))
     seeds = f["sample_seeds"].tolist()
     want = f["sample_images"]
     m = run_cfg.model
@@ -166,8 +167,8 @@ def test_sampling_an_imported_export_gives_the_reference_samples(name: str, tmp_
                                                       (4 * m.channels, m.resolution // 2, m.resolution // 2), m.nz,
                                                       "cpu")).clamp(-1, 1)
     assert (floats - want).abs().max() <= TOL
-    images = evaluate.generator_fn(G, run_cfg, "cpu")(seeds)  # uint8, channels_last CPU sampling path
-    diff = (images.int() - evaluate.to_uint8(want).int()).abs()
+    images = inference.generator_fn(G, run_cfg, "cpu")(seeds)  # uint8, channels_last CPU sampling path
+    diff = (images.int() - to_uint8(want).int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01  # a float round-off may flip a rounding
 
 
@@ -279,7 +280,7 @@ def test_import_job(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     assert "imported generator" in r.stdout and "bands pytorch_wavelets" in r.stdout
     assert sorted(p.name for p in out.iterdir()) == ["generator_ema.safetensors", "model_config.json"]
-    G, run_cfg, info = evaluate.load_generator(str(out))
+    G, run_cfg, info = inference.load_generator(str(out))
     assert run_cfg.model.nf == cfg.model.nf and info["source"] == str(ckpt)
     bad = _job(f"checkpoint={ckpt}", "recipe=cifar10", f"out={tmp_path / 'bad'}")  # full-size recipe
     assert bad.returncode == 2 and not (tmp_path / "bad").exists()

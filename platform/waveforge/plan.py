@@ -446,7 +446,8 @@ def scaling(cfg: config.Recipe, cost: ModelCost, *, per_gpu_images: int, step_s:
     for n in nodes:
         world = n * g
         try:
-            accum = config.check_resources(cfg, world)
+            config.check_resources(cfg, world)
+            accum = cfg.dist.grad_accum
         except config.ConfigError as e:
             rows.append({"nodes": n, "gpus_per_node": g, "world_size": world, "possible": False, "reason": str(e)})
             continue

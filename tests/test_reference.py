@@ -217,6 +217,57 @@ def test_import_of_content_pth_exports_the_ema_generator(tmp_path: Path) -> None
     assert info["step"] == 123 and info["model"]["nf"] == cfg.model.nf and info["recipe"] == "tiny"
 
 
+@pytest.mark.slow
+def test_training_state_becomes_a_checkpoint_that_train_resumes(tmp_path: Path) -> None:
+    """content.pth -> jobs/import_reference.py -> OUT/checkpoints/step-123: the engines' fp32 masters, both
+    Adam optimizers' moments and step counts are the converted ones; jobs/train.py resume=OUT continues
+    from step 123 (images 123 x batch) and trains on."""
+    from waveforge import data
+
+    spec = json.loads((FIXTURES / "content_small.json").read_text())
+    cfg = config.load(spec["recipe"], spec["overrides"])
+    out = tmp_path / "imported"
+    r = _job(f"checkpoint={FIXTURES / 'content_small.pt'}", f"recipe={spec['recipe']}", *spec["overrides"],
+             f"bands={spec['bands']}", f"out={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training state at step 123" in r.stdout
+    state = reference.convert_training_state(reference.load_reference(FIXTURES / "content_small.pt")[1], cfg,
+                                             spec["bands"])
+    ckpt = out / "checkpoints" / "step-000000123"
+    for tag, module, weights, moments in (
+            ("G", build_generator(cfg.model, cfg.diffusion), state.generator, state.optimizer_g),
+            ("D", build_discriminator(cfg.model, cfg.diffusion), state.discriminator, state.optimizer_d)):
+        # ZeRO-1/2 on one rank: one flat fp32 partition per engine, parameters in module order (then padding)
+        optim = torch.load(ckpt / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                           weights_only=False)["optimizer_state_dict"]
+        names = [n for n, _ in module.named_parameters()]
+        adam = optim["base_optimizer_state"]["state"][0]
+        for key in ("exp_avg", "exp_avg_sq"):
+            want = torch.cat([moments[n][key].flatten() for n in names])
+            assert torch.equal(adam[key][:want.numel()], want), (tag, key)
+        assert float(adam["step"]) == 123.0
+        master = torch.cat([weights[n].flatten() for n in names])
+        assert torch.equal(optim["single_partition_of_fp32_groups"][0][:master.numel()], master), tag
+    ema = safetensors.torch.load_file(str(ckpt / "ema.safetensors"))
+    assert all(torch.equal(ema[k], v) for k, v in state.generator_ema.items())
+
+    shards = tmp_path / "shards"
+    data.make_shards("synthetic", str(shards), cfg.model.resolution, num_samples=64, samples_per_shard=16,
+                     progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    run = tmp_path / "finetune"
+    t = subprocess.run([sys.executable, "jobs/train.py", f"recipe={spec['recipe']}", *spec["overrides"],
+                        f"resume={out}", f"run.dir={run}", f"data.url={shards}", "train.max_steps=125",
+                        "train.log_every_images=16", "eval.every_images=0", "tracking.enabled=false",
+                        "data.num_workers=0", "checkpoint.every_images=0"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert t.returncode == 0, t.stdout[-3000:] + t.stderr[-3000:]
+    assert f"resumed from {ckpt} at step 123 ({123 * cfg.train.batch_size} images" in t.stdout
+    assert "holds no data position" in t.stdout
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [124, 125] and all(math.isfinite(r["g_loss"]) for r in rows)
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------

@@ -68,7 +68,11 @@ class Checkpointer:
         if self.source is None:
             return None
         state = checkpoint.load(self.source, engines, ema)
-        loader.load_state_dict(state["loader"])
+        if state.get("loader") is not None:
+            loader.load_state_dict(state["loader"])
+        else:  # an imported training state: the reference's data order cannot be continued
+            dist.print0(f"{self.source} holds no data position ({state.get('reason', '')}): the data order starts "
+                        "from its beginning")
         loaded, saved = weights_checksum(engines), state.get("weights_checksum")
         if saved is not None and abs(loaded - saved) > 1e-12 * max(1.0, abs(saved)):
             raise checkpoint.CheckpointError(f"checkpoint {self.source} loaded different weights than it saved "
@@ -77,11 +81,13 @@ class Checkpointer:
                     f"size {state.get('world', '?')}, now {dist.world()}; weights checksum verified)")
         return state
 
-    def save(self, *, step: int, images: int, engines: dict[str, Any], ema: torch.nn.Module, loader: Any,
+    def save(self, *, step: int, images: int, engines: dict[str, Any], ema: torch.nn.Module, loader: Any | None,
              extra: dict[str, Any], reason: str) -> Path:
         """COLLECTIVE: write and publish checkpoint `step` (upload queued in the background); `extra` is
-        more of the trainer's state (plain data: the MLflow run id, the partial metrics interval, ...)."""
-        state = {"step": step, "images": images, "loader": loader.state_dict(), "world": dist.world(),
+        more of the trainer's state (plain data: the MLflow run id, the partial metrics interval, ...);
+        `loader` None: no data position (an imported state, whose run continues from the data's start)."""
+        state = {"step": step, "images": images, "loader": loader.state_dict() if loader is not None else None,
+                 "world": dist.world(),
                  "weights_checksum": weights_checksum(engines), "recipe": config.to_dict(self.cfg),
                  "code_version": runtime.code_version(), "reason": reason, **extra}
         c = self.cfg.checkpoint
@@ -101,3 +107,47 @@ class Checkpointer:
             print(f"WARNING: {failed} checkpoint upload(s) to {self.cfg.checkpoint.url} failed; the local "
                   f"checkpoints in {checkpoint.ckpt_root(self.run_dir)} are complete", flush=True)
         return failed
+
+
+def set_training_state(engine: Any, weights: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]],
+                       step: int) -> None:
+    """Give a freshly built DeepSpeed engine a training state from elsewhere (an imported reference run):
+    its fp32 master weights, Adam moments and step count from full per-parameter tensors (by the module's
+    parameter names), and its LR schedule at `step`. Any ZeRO stage and precision (DeepSpeed's
+    safe_set_full_* API); parameters without moments keep a fresh Adam state."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    # Adam's state exists only after a first step: take one on zero gradients (no forward; weights unchanged).
+    engine.backward(sum(p.float().sum() for p in engine.module.parameters()) * 0.0)
+    engine.step()
+    params = dict(engine.module.named_parameters())
+    missing = sorted(set(weights) ^ set(params))
+    if missing:
+        raise checkpoint.CheckpointError(f"training state does not fit the engine's module: {missing[:5]}")
+    zero_managed = any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in params.values())
+    for name, p in params.items():
+        value = weights[name].to(torch.float32)
+        if zero_managed:
+            safe_set_full_fp32_param(p, value.to(p.device))
+            for key, v in moments.get(name, {}).items():
+                if key != "step":
+                    safe_set_full_optimizer_state(p, v.to(torch.float32).to(p.device), key)
+        else:  # ZeRO-0 fp32: the module's parameters are the optimizer's
+            with torch.no_grad():
+                p.copy_(value)
+            state = engine.optimizer.state[p]
+            for key, v in moments.get(name, {}).items():
+                if key != "step":
+                    state[key].copy_(v)
+    if zero_managed:  # the module's low-precision copies follow the masters
+        with torch.no_grad():
+            for name, p in params.items():
+                if not hasattr(p, "ds_id"):
+                    p.copy_(weights[name].to(p.dtype))
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch Adam under ZeRO's wrapper
+    for state in base.state.values():
+        if "step" in state:
+            state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.last_epoch = step - 1
+        engine.lr_scheduler.step()

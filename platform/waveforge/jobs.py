@@ -1,6 +1,6 @@
-"""The evaluate and sample jobs: what `jobs/evaluate.py`, `jobs/sample.py` and submitted tasks run, on every
-rank (each initialises torch.distributed itself when launched with more than one rank). The train job is
-`waveforge.train.main`.
+"""The evaluate, sample and import jobs: what `jobs/evaluate.py`, `jobs/sample.py`, `jobs/import_reference.py`
+and submitted tasks run, on every rank (each initialises torch.distributed itself when launched with more
+than one rank). The train job is `waveforge.train.main`.
 
 Both draw seed-indexed samples (sample i from seed i; rank r takes seeds r, r + world, ...), so results do
 not depend on the number of ranks or the batch size.
@@ -8,6 +8,7 @@ not depend on the number of ranks or the batch size.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -18,8 +19,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from waveforge import dist, inference, metrics, runtime
+from waveforge import dist, inference, metrics, reference, runtime, steps
 from waveforge import storage as wf_storage
+from waveforge.checkpointer import Checkpointer, set_training_state
 from waveforge.config import ConfigError, Recipe
 from waveforge.evaluator import Evaluator
 from waveforge.images import grid_rows, make_grid
@@ -103,3 +105,43 @@ def _progress(it: range, total: int, bs: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(it, total=math.ceil(total / bs), desc="sampling", unit="batch", disable=not sys.stderr.isatty())
+
+
+def import_reference(cfg: Recipe, checkpoint: str, out: str, bands: str | None = None) -> dict[str, Any]:
+    """The import job (one process): an official WaveDiff / DDGAN checkpoint as a waveforge export in `out`
+    (generator_ema.safetensors + model_config.json, for jobs/sample.py and jobs/evaluate.py), and, from a
+    training state (content.pth), also a waveforge checkpoint `out`/checkpoints/step-N that
+    `jobs/train.py resume=OUT` continues from: G, D, the EMA, both Adam optimizers' moments and step counts,
+    the LR schedule at step N and the image counter (no data position: the reference's data order cannot be
+    continued, so the run's data order starts from its beginning). Nothing is written when anything does
+    not fit the recipe."""
+    if runtime.launched_world() > 1:
+        raise ConfigError("jobs/import_reference.py runs in one process (launched with more than one rank)")
+    bands = bands or reference.default_bands(cfg.recipe)
+    kind, obj = reference.load_reference(checkpoint)
+    state = reference.convert_training_state(obj, cfg, bands) if kind == "content" else None  # checks all first
+    summary = reference.import_checkpoint(checkpoint, cfg, Path(out), bands=bands)
+    if state is None:
+        return summary
+    if cfg.model.family != "wavediff":
+        raise ConfigError(f"recipe {cfg.recipe} is not a diffusion GAN (model.family={cfg.model.family})")
+    device = runtime.init_distributed(cfg.dist.backend)
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.run.dir, run_cfg.run.name = str(Path(out).absolute()), cfg.run.name or "imported"
+    model = steps.make_step(run_cfg, device)
+    model.G.load_state_dict(state.generator)
+    model.D.load_state_dict(state.discriminator)
+    ema = copy.deepcopy(model.G).eval().requires_grad_(False)
+    ema.load_state_dict(state.generator_ema if state.generator_ema is not None else state.generator)
+    engines = steps.build_engines(model.networks(), cfg=run_cfg, world=1, grad_accum=run_cfg.dist.grad_accum,
+                                  patch={})
+    set_training_state(engines["G"], state.generator, state.optimizer_g, state.global_step)
+    set_training_state(engines["D"], state.discriminator, state.optimizer_d, state.global_step)
+    path = Checkpointer(run_cfg, Path(out)).save(step=state.global_step, images=state.images, engines=engines,
+                                                 ema=ema.to(device), loader=None,
+                                                 extra={"run_id": None, "interval": None,
+                                                        "imported_from": str(checkpoint), "epoch": state.epoch},
+                                                 reason="imported")
+    runtime.shutdown()
+    return {**summary, "checkpoint": str(path)}
+

@@ -117,8 +117,8 @@ def import_reference(cfg: Recipe, checkpoint: str, out: str, bands: str | None =
     not fit the recipe."""
     if runtime.launched_world() > 1:
         raise ConfigError("jobs/import_reference.py runs in one process (launched with more than one rank)")
+    kind, obj = reference.load_reference(checkpoint)  # first: a missing or foreign file is the first thing to say
     bands = bands or reference.default_bands(cfg.recipe)
-    kind, obj = reference.load_reference(checkpoint)
     state = reference.convert_training_state(obj, cfg, bands) if kind == "content" else None  # checks all first
     summary = reference.import_checkpoint(checkpoint, cfg, Path(out), bands=bands)
     if state is None:

@@ -26,6 +26,7 @@ JOB_KEYS = {
 FLAGS = {
     "--dry-run": "print the resolved recipe and the full sbatch script; submit nothing",
     "--wait": "wait for the job and stream rank 0's log (always on for cluster=local)",
+    "--no-preflight": "skip the checks before submitting (partition size, data readable, tracking server up)",
 }
 
 
@@ -42,16 +43,18 @@ def main() -> None:
     config.check_resources(cfg, config.world_size(cfg))  # before anything heavy is imported
     from waveforge import submit
 
-    backend = submit.backend_of(cfg.cluster.backend)
     run_dir = Path(cfg.run.dir)
     if "--dry-run" in args.flags:
         print("# resolved recipe\n" + config.to_yaml(cfg))
-        print(f"# backend: {backend}; run folder: {run_dir}\n# sbatch script\n{submit.sbatch_script(cfg, job)}")
+        print(f"# run folder: {run_dir}\n# sbatch script\n{submit.sbatch_script(cfg, job)}")
         return
+    backend = submit.choose_backend(cfg.cluster.backend)
     job_args = {k: v for k, v in args.job.items() if k != "job"}
     if job == "evaluate" and "run" in job_args:
         job_args["checkpoint"] = str(job_args.pop("run"))
-    handle = submit.submit(cfg, job, job_args)
+    if "--no-preflight" not in args.flags:
+        submit.preflight(cfg, job, job_args, backend)  # nothing is written or submitted before it passes
+    handle = submit.submit(cfg, job, job_args, backend)
     logs = submit.log_folder(run_dir)
     print(f"submitted {job} job {handle.job_id} ({backend})\nrun folder: {run_dir}\n"
           f"logs: {logs}/{handle.job_id}_<task>_log.out (rank 0: {handle.paths.stdout})", flush=True)

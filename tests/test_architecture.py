@@ -17,10 +17,10 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("runtime", {"config", "cli", "dist", "runtime"}),
     ("foundations", {"storage", "wavelet", "cpu_kernels", "images"}),
     ("math and parts", {"models", "diffusion", "samplers", "data"}),
-    ("services", {"checkpoint", "tracking", "metrics"}),
+    ("services", {"checkpoint", "tracking", "metrics", "proxy_features"}),
     ("use of a model", {"inference", "edm", "plan", "reference"}),
     ("training", {"meters", "steps", "checkpointer", "evaluator", "train"}),
-    ("jobs", {"jobs", "submit", "sweep"}),
+    ("jobs", {"jobs", "submit", "sweep", "status"}),
 ]
 LAYER_OF = {unit: i for i, (_, units) in enumerate(LAYERS) for unit in units}
 

@@ -133,7 +133,7 @@ def test_training_hash_ignores_operational_fields() -> None:
     b = config.load("tiny", ["nodes=4", "run.name=x", "eval.every_images=5", "train.max_steps=3"])
     c = config.load("tiny", ["train.lr_g=1e-3"])
     assert config.training_hash(a) == config.training_hash(b) != config.training_hash(c)
-    assert config.diff_training_fields(a, c) == ["train.lr_g: 0.0002 -> 0.001"]
+    assert config.diff_training_fields(a, c) == ["train.lr_g: 0.0008 -> 0.001"]
 
 
 def _job(*args: str) -> subprocess.CompletedProcess:

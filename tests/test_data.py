@@ -338,6 +338,31 @@ def test_worker_failures_reach_the_caller(synth, tmp_path):
             os.kill(pid, 0)
 
 
+def test_stop_signals_are_the_trainers_not_the_workers(synth):
+    """Slurm sends USR2 and TERM to every process of a job and Ctrl-C reaches the whole process group: the
+    loader's workers and multiprocessing's resource tracker ignore them (the trainer handles them), so a
+    stop signal neither kills a worker under the collective checkpoint nor relaunches the tracker."""
+    import signal
+    import time
+    from multiprocessing import resource_tracker
+
+    ld = ShardLoader(synth, global_batch=G, rank=0, world=1, num_workers=2, seed=3)
+    ld.next_step()
+    pids = ld.worker_pids()
+    tracker = resource_tracker._resource_tracker._pid  # noqa: SLF001 - the tracker's pid, for this check only
+    assert tracker is not None
+    for pid in [*pids, tracker]:
+        for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+            os.kill(pid, sig)
+    time.sleep(0.5)
+    for _ in range(5):
+        ld.next_step()
+    for pid in [*pids, tracker]:
+        os.kill(pid, 0)  # still alive
+    assert resource_tracker._resource_tracker._pid == tracker  # noqa: SLF001 - not relaunched
+    ld.close()
+
+
 def test_worker_waits_for_its_next_slot_to_be_named():
     """A worker writes a step only into the slot the main process named for it (none named: it waits), and
     stops waiting when the loader closes."""
@@ -557,13 +582,23 @@ def test_worker_server_starts_early_without_importing_torch_here(run_python):
     assert out.stdout.split() == ["False", "True", "from", "the", "server", "True", "0"]
 
 
-def test_ensure_dataset_draws_synthetic_set_once(tmp_path):
-    url = str(tmp_path / "syn")
-    cfg = config.load("tiny", {"data.url": url, "data.synthetic_samples": 70, "model.resolution": 16})
+def test_ensure_dataset_draws_synthetic_set_once(tmp_path, monkeypatch):
+    """The embedded default draws its synthetic set into the recipe's own data.url (relative: under the working
+    folder), once; any other data.url without a data set is an error naming it, never a synthetic set."""
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load("tiny", {"data.synthetic_samples": 70, "model.resolution": 16})
     murl = ensure_dataset(cfg)
-    assert murl == url + "/index.json" and read_manifest(url)["total_samples"] == 70
+    assert murl == "data/synthetic-32/index.json" and read_manifest("data/synthetic-32")["total_samples"] == 70
     mtime = Path(murl).stat().st_mtime_ns
     assert ensure_dataset(cfg) == murl and Path(murl).stat().st_mtime_ns == mtime
+    assert ensure_dataset(config.load("tiny", {"data.url": str(tmp_path / "data/synthetic-32")}))  # same place
+    typo = str(tmp_path / "typo")  # a typo is not training data
+    with pytest.raises(config.ConfigError, match=f"data.url={typo}: no data set there"):
+        ensure_dataset(config.load("tiny", {"data.url": typo}))
+    assert not (tmp_path / "typo").exists()
+    with pytest.raises(config.UserError):  # not a synthetic set in a bucket either (here: no credentials)
+        ensure_dataset(config.load("tiny", {"data.url": "s3://datasets/does-not-exist", "data.retries": 0,
+                                            "storage.endpoint_url": "http://127.0.0.1:9"}))
     cfg2 = config.load("tiny", {"data.url": str(tmp_path / "none"), "data.synthetic_if_missing": False})
     with pytest.raises(config.ConfigError, match="make_shards"):
         ensure_dataset(cfg2)

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from waveforge import config, data, edm, models, samplers, wavelet
+from waveforge import config, data, edm, models, runtime, samplers, wavelet
 from waveforge.models.denoiser import vp_sigma, vp_sigma_inv
 
 REPO = Path(__file__).resolve().parents[1]
-FEATURES = "eval.feature_extractor=tests.feature_extractors:random_conv32"
+FEATURES = "eval.features=proxy"
 
 
 def _denoiser(*overrides: str) -> tuple[config.Recipe, models.Denoiser]:
@@ -181,15 +181,11 @@ def _train(overrides: list[str], tmp: Path, nproc: int = 1, timeout: int = 1500)
     spec = tmp / f"spec-{len(list(tmp.glob('spec-*')))}.json"
     spec.write_text(json.dumps({"runs": [{"recipe": "edm_tiny", "overrides": overrides}]}))
     env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
+           "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   str(Path.home() / ".cache/waveforge/torch_extensions"))}
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(runtime.free_port()),
            str(REPO / "tests/train_worker.py"), str(spec)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
@@ -225,7 +221,7 @@ def test_edm_tiny_trains_and_its_fid_falls(trained: Path, shards: str) -> None:
     from waveforge.evaluator import Evaluator
 
     rows = _rows(trained)
-    fids = [r["eval_fid"] for r in rows if "eval_fid" in r]
+    fids = [r["eval_fid_proxy"] for r in rows if "eval_fid_proxy" in r]
     assert len(fids) == 2, rows  # at 2400 and 4800 images
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
     # the same evaluation (same seeds, sampler, reference statistics) of the initial network
@@ -233,7 +229,7 @@ def test_edm_tiny_trains_and_its_fid_falls(trained: Path, shards: str) -> None:
                                    "eval.kid=false", FEATURES, "steps=6"])
     torch.manual_seed(cfg.run.seed)
     init = models.build_network(cfg.model, cfg.diffusion).eval()
-    fid0 = Evaluator(cfg, "cpu").fid(inference.generator_fn(init, cfg, "cpu"), progress=False)["fid"]
+    fid0 = Evaluator(cfg, "cpu").fid(inference.generator_fn(init, cfg, "cpu"), progress=False)["fid_proxy"]
     assert fids[0] < 0.7 * fid0 and fids[1] < 0.7 * fid0, (fid0, fids)  # learned the data: FID clearly lower
     assert list((trained / "samples").glob("grid-*.png"))
 
@@ -245,7 +241,7 @@ def test_sweep_samplers_writes_table_and_plot(trained: Path, shards: str, tmp_pa
            f"data.url={shards}", "samplers=heun,euler,fastdpm:kappa=0,pc:noise_filter=pds", "steps=2,4",
            "eval.num_samples=64", "eval.batch_size=64", "eval.kid=false", FEATURES, f"out={out}",
            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "sampler.filter_samples=64", "--json"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])
@@ -292,7 +288,7 @@ def test_edm_resume_is_bit_exact(shards: str, tmp_path: Path) -> None:
 
 
 def test_sweep_samplers_bad_input_exits_2(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     for args, msg in ((["samplers=hune"], "unknown sampler 'hune'"), (["steps=4,x"], "comma-separated list"),
                       ([], "cannot load a generator")):
         r = subprocess.run([sys.executable, str(REPO / "jobs/sweep_samplers.py"), "recipe=edm_tiny",

@@ -78,8 +78,8 @@ def test_fid_between_folders_equals_cleanfid(folders, mode):
     theirs = cleanfid.compute_fid(str(real), str(fake), custom_feat_extractor=fx.random_conv32, mode=mode,
                                   device=CPU, num_workers=0, verbose=False)
     assert theirs > 1.0  # the sets differ: a meaningful comparison
-    assert ours["fid"] == pytest.approx(theirs, rel=1e-3)
-    assert set(ours) == {"fid"}
+    assert ours["fid_custom"] == pytest.approx(theirs, rel=1e-3)
+    assert set(ours) == {"fid_custom"}  # another extractor's FID is never named like Inception's
 
 
 def test_kid_equals_cleanfid_kernel_distance(folders):
@@ -90,8 +90,8 @@ def test_kid_equals_cleanfid_kernel_distance(folders):
     f_fake = cleanfid.get_folder_features(str(fake), fx.random_conv32, num_workers=0, device=CPU, verbose=False)
     np.random.seed(0)  # our estimator draws its subsets with RandomState(0), as clean-fid does after seed(0)
     theirs = cleanfid.kernel_distance(f_real, f_fake, num_subsets=20, max_subset_size=30)
-    assert ours["kid"] == pytest.approx(theirs, rel=1e-4)
-    assert ours["fid"] == pytest.approx(cleanfid.fid_from_feats(f_real, f_fake), rel=1e-3)
+    assert ours["kid_custom"] == pytest.approx(theirs, rel=1e-4)
+    assert ours["fid_custom"] == pytest.approx(cleanfid.fid_from_feats(f_real, f_fake), rel=1e-3)
     # all subsets = every sample once: the estimator is clean-fid's for any features
     feats1, feats2 = np.random.default_rng(0).normal(size=(2, 50, 8)).astype(np.float32)
     np.random.seed(3)
@@ -107,9 +107,9 @@ def test_fid_of_a_set_against_itself_is_zero(folders):
     typical = metrics.fid_folders(real, fake, EvalConfig(feature_extractor=SPEC, batch_size=16, kid=True,
                                                           kid_subset_size=30, kid_subsets=10),
                                    device=CPU, progress=False)
-    assert abs(out["fid"]) < 1e-6 * typical["fid"]
+    assert abs(out["fid_custom"]) < 1e-6 * typical["fid_custom"]
     # unbiased estimator over random subsets (x and y drawn independently from one set): ~0, either sign
-    assert abs(out["kid"]) < 0.01 * typical["kid"]
+    assert abs(out["kid_custom"]) < 0.01 * typical["kid_custom"]
 
 
 def test_feature_stats_equal_numpy_mean_and_cov():
@@ -246,10 +246,10 @@ def test_evaluate_generator_against_a_shard_dataset(tmp_path, capsys, monkeypatc
 
     data.make_shards("synthetic", str(tmp_path / "shards"), 32, num_samples=30, workers=1, progress=False)
     cfg = config.load("tiny", {"data.url": str(tmp_path / "shards"), "eval.num_samples": 20, "eval.batch_size": 8,
-                               "eval.feature_extractor": SPEC, "eval.kid_subsets": 5, "eval.kid_subset_size": 10})
+                               "eval.features": "proxy", "eval.kid_subsets": 5, "eval.kid_subset_size": 10})
     generate = functools.partial(generate_images, size=32)
     first = Evaluator(cfg, CPU).fid(generate, progress=False)
-    assert set(first) == {"fid", "kid"} and first["fid"] > 0
+    assert set(first) == {"fid_proxy", "kid_proxy"} and first["fid_proxy"] > 0
     assert "reference statistics: computed 20 images" in capsys.readouterr().out
     assert list((tmp_path / "shards" / "fid-stats").glob("ref-*.npz"))
 
@@ -266,7 +266,7 @@ def test_evaluate_generator_against_a_shard_dataset(tmp_path, capsys, monkeypatc
     direct = metrics.FeatureStats()
     direct.add(ext(images))
     fake = metrics.generate_features(generate, 20, ext, 8, progress=False).reduce()
-    assert metrics.fid_from_stats(direct.reduce(), fake) == pytest.approx(first["fid"], rel=1e-6)
+    assert metrics.fid_from_stats(direct.reduce(), fake) == pytest.approx(first["fid_proxy"], rel=1e-6)
 
 
 def test_run_job_evaluates_an_exported_generator_and_folders(tmp_path, monkeypatch):
@@ -279,7 +279,7 @@ def test_run_job_evaluates_an_exported_generator_and_folders(tmp_path, monkeypat
 
     data.make_shards("synthetic", str(tmp_path / "shards"), 32, num_samples=24, workers=1, progress=False)
     cfg = config.load("tiny", {"data.url": str(tmp_path / "shards"), "eval.num_samples": 12, "eval.batch_size": 6,
-                               "eval.feature_extractor": SPEC, "eval.kid_subsets": 5, "eval.kid_subset_size": 10})
+                               "eval.features": "proxy", "eval.kid_subsets": 5, "eval.kid_subset_size": 10})
     torch.manual_seed(0)
     G = models.build_generator(cfg.model, cfg.diffusion).eval()
     export = tmp_path / "export"
@@ -288,14 +288,16 @@ def test_run_job_evaluates_an_exported_generator_and_folders(tmp_path, monkeypat
     (export / "model_config.json").write_text(json.dumps({
         "model": config.to_dict(cfg)["model"], "diffusion": config.to_dict(cfg)["diffusion"], "step": 7}))
     result = jobs.evaluate(cfg, checkpoint=str(export), out=str(tmp_path / "fid.json"))
-    assert result["step"] == 7 and result["num_samples"] == 12 and result["fid"] > 0 and "kid" in result
-    assert json.loads((tmp_path / "fid.json").read_text())["fid"] == result["fid"]
+    assert result["step"] == 7 and result["num_samples"] == 12 and result["fid_proxy"] > 0 and "kid_proxy" in result
+    assert "fid" not in result and "not Inception" in result["features"]
+    assert json.loads((tmp_path / "fid.json").read_text())["fid_proxy"] == result["fid_proxy"]
     direct = Evaluator(cfg, CPU).fid(inference.generator_fn(G, cfg, CPU), progress=False)
-    assert direct["fid"] == pytest.approx(result["fid"], rel=1e-9)  # the same images as the trainer's eval
+    assert direct["fid_proxy"] == pytest.approx(result["fid_proxy"], rel=1e-9)  # the same images as training's
 
     real, fake = _write_folder(tmp_path / "r", 12, 32, 0, 0), _write_folder(tmp_path / "f", 12, 32, 30, 1)
     folders = jobs.evaluate(cfg, real=str(real), fake=str(fake))
-    assert folders["fid"] == pytest.approx(metrics.fid_folders(real, fake, cfg.eval, CPU, progress=False)["fid"])
+    assert folders["fid_proxy"] == pytest.approx(
+        metrics.fid_folders(real, fake, cfg.eval, CPU, progress=False)["fid_proxy"])
     with pytest.raises(config.ConfigError, match="nothing to evaluate"):
         jobs.evaluate(cfg)
     with pytest.raises(config.ConfigError, match="cannot load a generator"):

@@ -1,4 +1,4 @@
-"""The evaluate and sample entry points as a user runs them (no Inception: an injected extractor)."""
+"""The evaluate and sample entry points as a user runs them (no Inception: the built-in offline proxy)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-EXTRACTOR = "eval.feature_extractor=tests.feature_extractors:random_conv32"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+EXTRACTOR = "eval.features=proxy"
 
 
 def job(*args: str) -> subprocess.CompletedProcess:
@@ -33,9 +33,9 @@ def test_evaluate_json_between_folders(tmp_path: Path) -> None:
     r = job("jobs/evaluate.py", f"real={real}", f"fake={fake}", EXTRACTOR, "eval.kid_subset_size=6", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout)  # stdout is exactly one JSON object
-    assert result["fid"] > 0 and "kid" in result
+    assert result["fid_proxy"] > 0 and "kid_proxy" in result and "fid" not in result
     same = job("jobs/evaluate.py", f"real={real}", f"fake={real}", EXTRACTOR, "eval.kid=false", "--json")
-    assert abs(json.loads(same.stdout)["fid"]) < 1e-3
+    assert abs(json.loads(same.stdout)["fid_proxy"]) < 1e-3
 
 
 def test_evaluate_bad_input_exits_2(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def test_plan_json_for_tiny(monkeypatch, capsys, tiny_cost):
     code, out, err = _run_plan(monkeypatch, capsys, "recipe=tiny", "--json")
     assert code == 0, err
     p = json.loads(out)
-    assert p["generator_params"] == 952876 and p["discriminator_params"] == 1857281
+    assert p["generator_params"] == 290428 and p["discriminator_params"] == 479169
     assert p["per_gpu_batch"] == 16 and p["fits"]["40GB"]["with_recipe_settings"]
     assert p["flops"]["per_sample_train_iteration"] > p["flops"]["generator_forward_per_sample"] > 0
     assert p["activation_gib_per_gpu"]["peak"] > 0
@@ -66,7 +66,7 @@ def test_plan_json_for_tiny(monkeypatch, capsys, tiny_cost):
     assert [(r["world_size"], r["possible"]) for r in p["scaling"]["rows"]] == [
         (8, True), (16, True), (16, True), (64, False)]
     code, out, _ = _run_plan(monkeypatch, capsys, "recipe=tiny")
-    assert code == 0 and "parameters       G 0.953 M" in out and "40GB GPU" in out
+    assert code == 0 and "parameters       G 0.290 M" in out and "40GB GPU" in out
     assert "none: one rank sends nothing" in out
     assert "not possible: train.batch_size=16 is not divisible by ranks x grad_accum = 64" in out
 

@@ -247,7 +247,7 @@ def test_sample_and_evaluate_jobs_through_slurm(slurm_cluster, export_dir: Path,
     """submit.py job=sample / job=evaluate on the real Slurm (2 tasks, torch.distributed over gloo): every
     seed's image is written once, whichever rank owns it, and equals the one-process image of that seed; the
     evaluation's JSON lands where out= says."""
-    for k, v in {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}.items():
+    for k, v in {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}.items():
         monkeypatch.setenv(k, v)  # sbatch exports the submitting environment to the tasks
     common = ["recipe=tiny", "cluster=slurm", "nodes=1", "tasks_per_node=2", "cpus_per_task=1", "time=20",
               "eval.batch_size=2", "--wait"]
@@ -272,29 +272,39 @@ def test_sample_and_evaluate_jobs_through_slurm(slurm_cluster, export_dir: Path,
     data.make_shards("synthetic", str(shards), 32, num_samples=24, samples_per_shard=8, progress=False)
     r = submit_cli(*common, f"run.dir={tmp_path / 'eval-run'}", "job=evaluate", f"run={export_dir}",
                    f"out={tmp_path / 'eval.json'}", f"data.url={shards}", "eval.num_samples=12",
-                   "eval.kid_subset_size=6", "eval.feature_extractor=tests.feature_extractors:random_conv32")
+                   "eval.kid_subset_size=6", "eval.features=proxy")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["fid"] > 0 and result["num_samples"] == 12 and result["checkpoint"] == str(export_dir)
+    assert result["fid_proxy"] > 0 and result["num_samples"] == 12 and result["checkpoint"] == str(export_dir)
 
 
 @pytest.mark.slow
 def test_local_cluster_runs_the_embedded_default(tmp_path: Path) -> None:
     """The README's laptop command: cluster=local runs the job as local processes (2 ranks here), with the
-    synthetic data drawn on first use, the embedded MLflow store, a final evaluation and sample grid."""
-    run = tmp_path / "runs" / "tiny" / "local"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    r = subprocess.run([sys.executable, "jobs/submit.py", "recipe=tiny", "cluster=local", "tasks_per_node=2",
-                        f"run.dir={run}", f"data.url={tmp_path / 'data'}", "data.synthetic_samples=256",
-                        "train.max_steps=4", "train.log_every_images=32", "eval.every_images=64",
-                        "eval.num_samples=32", "eval.grid_size=4", "eval.feature_extractor="
-                        "tests.feature_extractors:random_conv32", "data.num_workers=0"],
-                       cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    synthetic data drawn on first use into the recipe's own (relative) data.url, the embedded MLflow store,
+    the offline proxy FID, a final evaluation and sample grid, and a summary that says where it all is."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    r = subprocess.run([sys.executable, str(REPO / "jobs/submit.py"), "recipe=tiny", "cluster=local",
+                        "tasks_per_node=2", "run.name=local", "data.synthetic_samples=256", "train.max_steps=4",
+                        "train.log_every_images=32", "eval.every_images=64", "eval.num_samples=32",
+                        "eval.grid_size=4", "data.num_workers=0"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny" / "local"
     assert "submitted train job" in r.stdout and str(run) in r.stdout
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4
-    assert list((run / "samples").glob("grid-*.png")), "no sample grid"
-    assert (tmp_path / "data" / "index.json").exists()
+    grids = sorted((run / "samples").glob("grid-*.png"))
+    assert grids, "no sample grid"
+    from PIL import Image
+
+    assert min(Image.open(grids[-1]).size) >= 256  # upscaled so that 32 px samples can be seen
+    assert (tmp_path / "data" / "synthetic-32" / "index.json").exists()
     assert (tmp_path / "runs" / "tiny" / "mlflow.db").exists()
-    assert "eval at step 4" in r.stdout and "fid" in r.stdout
+    assert "eval at step 4" in r.stdout and "eval_fid_proxy" in r.stdout  # tiny's offline proxy, no download
+    summary = r.stdout.split("run finished at step 4/4", 1)[1]
+    for line in (f"run folder   {run}", f"checkpoint   {run}/checkpoints/step-000000004",
+                 f"samples      {grids[-1]}", "MLflow       mlflow ui --backend-store-uri sqlite:///",
+                 "workflowType=machine_learning"):
+        assert line in summary, line
+    assert "submitit INFO" not in r.stdout and "Warning" not in r.stdout  # the console reads like a product

@@ -76,7 +76,7 @@ def test_resume_with_changed_training_field_names_it(runs_root: Path) -> None:
     run_dir = runs_root / "r"
     t = tracking.Tracker.open(_cfg("r"), run_dir, None, {})
     t.close()
-    with pytest.raises(config.ConfigError, match=r"train\.lr_g: '0\.0002' -> '0\.0001'") as e:
+    with pytest.raises(config.ConfigError, match=r"train\.lr_g: '0\.0008' -> '0\.0001'") as e:
         tracking.Tracker.open(_cfg("r", **{"train.lr_g": 1e-4}), run_dir, t.run_id, {})
     assert str(e.value).count("->") == 1  # only the changed field is named
 

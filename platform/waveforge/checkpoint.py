@@ -60,7 +60,7 @@ import torch
 
 from waveforge import dist
 from waveforge import storage as wstorage
-from waveforge.config import StorageConfig
+from waveforge.config import StorageConfig, UserError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ VERSION = 1
 UNIVERSAL_SUFFIX = "_universal"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the run."""
 
 

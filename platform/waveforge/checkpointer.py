@@ -94,6 +94,11 @@ class Checkpointer:
         return checkpoint.save(self.run_dir, step, engines, ema, state, keep_last=c.keep_last,
                                milestone_every_images=c.milestone_every_images, uploader=self.uploader)
 
+    def newest(self) -> str:
+        """The newest complete checkpoint of the run (what a resume would take), or "none"."""
+        found = checkpoint.complete_checkpoints(checkpoint.ckpt_root(self.run_dir))
+        return str(found[-1]) if found else "none"
+
     def where(self, path: Path) -> str:
         """Where checkpoint `path` ends up: its object-storage URL when uploading, else the local folder."""
         return f"{self.cfg.checkpoint.url.rstrip('/')}/{path.name}" if self.cfg.checkpoint.url else str(path)

@@ -114,8 +114,15 @@ def parse(argv: Sequence[str], prog: str, description: str, job_keys: dict[str, 
 
 
 def run_main(fn: Callable[[], Any]) -> None:
-    """Run an entry point's main: ConfigError anywhere becomes `error: ...` and exit status 2."""
+    """Run an entry point's main: a user's mistake (config.UserError: a bad value, path, file, credentials,
+    address) anywhere becomes one line `error: ...` and exit status 2, without a traceback."""
     try:
         fn()
-    except config.ConfigError as e:
-        fail(str(e))
+    except config.UserError as e:
+        fail(one_line(e))
+
+
+def one_line(e: BaseException) -> str:
+    """An error's message as one line (its first; the details of a long one stay in logs)."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    return lines[0] if lines else type(e).__name__

@@ -31,7 +31,14 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 MASK = "***"
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user gave cannot work: a recipe value, a path, a file, credentials, an address. Entry
+    points print its message as one line (`error: ...`) and exit with status 2, with no traceback. Every
+    layer's errors of this kind derive from it (ConfigError, storage.AccessDenied, checkpoint.CheckpointError,
+    metrics.InceptionUnavailable, data.DataError, ...)."""
+
+
+class ConfigError(UserError, ValueError):
     """A recipe, an override or a value is invalid. Entry points print it and exit with status 2."""
 
 
@@ -229,7 +236,8 @@ class EvalConfig:
     every_images: int = _field(2_000_000, at_least(0, " (0 = never)"))  # periodic FID/KID + sample grid
     num_samples: int = _field(10_000, at_least(2))  # generated images for FID (and real images for the reference)
     batch_size: int = _field(50, at_least(1))  # per-rank generation / feature batch
-    mode: Literal["clean", "legacy_pytorch", "legacy_tensorflow"] = "clean"  # clean-fid feature mode
+    features: Literal["inception", "proxy"] = "inception"  # Inception (clean-fid, downloaded) or the offline proxy
+    mode: Literal["clean", "legacy_pytorch", "legacy_tensorflow"] = "clean"  # clean-fid feature mode (Inception)
     kid: bool = True
     feature_extractor: str = _field("", Rule(lambda v: not v or ":" in v, "module:callable", "x"))  # replaces Inception
     inception_path: str = ""  # local Inception weights for offline clusters ("" = clean-fid's download)

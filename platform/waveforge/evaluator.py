@@ -60,12 +60,19 @@ class Evaluator:
         return self._reference
 
     def fid(self, generate: Callable[[list[int]], torch.Tensor], progress: bool = True) -> dict[str, float]:
-        """COLLECTIVE: {"fid", "kid"} of eval.num_samples images of `generate` (seeds -> uint8 images)."""
+        """COLLECTIVE: FID (and KID with eval.kid) of eval.num_samples images of `generate` (seeds -> uint8
+        images), named for the features: {"fid", "kid"} with Inception, {"fid_proxy", ...} with the proxy."""
         e = self.cfg.eval
         fake = metrics.generate_features(generate, e.num_samples, self.extractor, e.batch_size, kid=e.kid,
                                          progress=progress).reduce()
-        return metrics.scores(self.reference(progress), fake, kid=e.kid, kid_subsets=e.kid_subsets,
-                              kid_subset_size=e.kid_subset_size, device=self.extractor.device)
+        return self.extractor.named(metrics.scores(self.reference(progress), fake, kid=e.kid,
+                                                   kid_subsets=e.kid_subsets, kid_subset_size=e.kid_subset_size,
+                                                   device=self.extractor.device))
+
+    @property
+    def fid_key(self) -> str:
+        """The name of this evaluator's FID: fid (Inception), fid_proxy, fid_custom."""
+        return f"fid{self.extractor.suffix}"
 
     def evaluate(self, generator: torch.nn.Module, step: int) -> tuple[dict[str, float], Path | None]:
         """COLLECTIVE: the trainer's periodic evaluation of `generator` (the EMA): a fixed-seed grid (rank 0,

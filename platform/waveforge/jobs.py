@@ -56,8 +56,10 @@ def evaluate(cfg: Recipe, checkpoint: str = "", real: str = "", fake: str = "", 
         result.update(num_samples=cfg.eval.num_samples, data=cfg.data.url)
     else:
         raise ConfigError("nothing to evaluate: give checkpoint=PATH|URL, or real=DIR fake=DIR")
-    result.update(mode=cfg.eval.mode, features=cfg.eval.feature_extractor or "inception_v3",
-                  seconds=round(time.time() - t0, 1))
+    e = cfg.eval
+    features = e.feature_extractor or ("proxy (waveforge.proxy_features, not Inception)" if e.features == "proxy"
+                                       else f"inception_v3 ({e.mode})")
+    result.update(mode=e.mode, features=features, seconds=round(time.time() - t0, 1))
     if out:
         dist.on_rank0(lambda: wf_storage.write_bytes(out, (json.dumps(result, indent=1) + "\n").encode(), cfg.storage))
     dist.print0("evaluation: " + json.dumps(result), file=sys.stderr)  # stdout stays for --json

@@ -137,6 +137,16 @@ class IntervalMeter:
         self._reset()
         return out
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent in the block (an evaluation, a checkpoint) is not the interval's training time: images/s
+        and seconds per step stay true to training."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._started += time.perf_counter() - t0
+
     def _reset(self) -> None:
         self._sums, self._counts, self._carried = {}, {}, {}
         self.steps, self.images, self._seconds = 0, 0, 0.0
@@ -178,12 +188,15 @@ class RunLog:
     SHOWN = ("loss", "d_loss", "g_loss", "r1")  # the EDM loss, the GAN losses
 
     def __init__(self, tracker: Any, run_dir: Any, *, first_step: int, last_step: int) -> None:
-        self.tracker, self.path = tracker, run_dir / "metrics.jsonl"
+        self.tracker, self.run_dir, self.path = tracker, run_dir, run_dir / "metrics.jsonl"
         self.first_step, self.last_step = first_step, last_step
         self.started = time.perf_counter()
         self.rank0 = dist.rank() == 0
+        self.last: dict[str, float] = {}  # the newest value of every metric (for the summary)
+        self.grid: Any = None  # the newest sample grid
 
     def _write(self, step: int, row: dict[str, float]) -> None:
+        self.last.update(row)
         self.tracker.log_metrics(row, step=step)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **row}) + "\n")
@@ -207,8 +220,26 @@ class RunLog:
         if not self.rank0:
             return
         self._write(step, {"images_seen": float(images), **metrics})
+        self.grid = grid or self.grid
         if grid is not None:
             with Image.open(grid) as im:
                 self.tracker.log_image(im.convert("RGB"), key="samples", step=step)
         print(f"eval at step {step} ({images} images): " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
               flush=True)
+
+    def summary(self, *, status: str, step: int, checkpoint: Any, ui: str) -> None:
+        """What a user needs at the end of a run (rank 0): where everything is, the last numbers, how to look."""
+        if not self.rank0:
+            return
+        shown = ("eval_fid", "eval_fid_proxy", "eval_fid_custom", "eval_kid", "eval_kid_proxy", *self.SHOWN,
+                 "images_per_s")
+        numbers = "  ".join(f"{k} {self.last[k]:.4g}" for k in shown if k in self.last)
+        lines = [f"run {status} at step {step}/{self.last_step}, {_clock(time.perf_counter() - self.started)}",
+                 f"  run folder   {self.run_dir}",
+                 f"  checkpoint   {checkpoint}",
+                 f"  metrics      {numbers}  ({self.path})"]
+        if self.grid is not None:
+            lines.append(f"  samples      {self.grid}")
+        if ui:
+            lines.append(f"  MLflow       {ui}")
+        print("\n".join(lines), flush=True)

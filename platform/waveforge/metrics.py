@@ -49,9 +49,9 @@ from cleanfid.resize import build_resizer
 from cleanfid.utils import EXTENSIONS
 from PIL import Image
 
-from waveforge import data, dist
+from waveforge import data, dist, proxy_features
 from waveforge import storage as wf_storage
-from waveforge.config import EvalConfig, Recipe, StorageConfig
+from waveforge.config import ConfigError, EvalConfig, Recipe, StorageConfig, UserError
 
 # Where clean-fid itself looks for / downloads the weights (cleanfid.features.feature_extractor: "/tmp" on
 # Linux; torch hub's checkpoints folder for legacy_pytorch).
@@ -62,7 +62,7 @@ LEGACY_PYTORCH_FILE = "pt_inception-2015-12-05-6726825d.pth"  # state dict of mo
 CACHE_FORMAT = 1  # bump when the statistics files change meaning
 
 
-class InceptionUnavailable(RuntimeError):
+class InceptionUnavailable(UserError, RuntimeError):
     """The Inception weights are not on disk and cannot be downloaded."""
 
 
@@ -76,25 +76,41 @@ class FeatureExtractor:
     """Images -> features, exactly as clean-fid computes them for `mode`.
 
     `model` has clean-fid's custom_feat_extractor interface: float (B,3,299,299) in [0,255] on `device`
-    -> (B,D) (for legacy_tensorflow the images keep their size: the network resizes inside).
+    -> (B,D) (for legacy_tensorflow the images keep their size: the network resizes inside). Mode "proxy"
+    (the built-in offline extractor, `waveforge.proxy_features`): images are resized to its 64 x 64 input
+    in torch (bilinear, antialiased) instead of clean-fid's per-image resize to 299.
+    `suffix` names the scores: "" for Inception (fid, kid), "_proxy" or "_custom" for the others (fid_proxy,
+    ...), so that no other features' FID is ever mistaken for Inception FID.
     """
 
     model: Callable[[torch.Tensor], torch.Tensor]
-    mode: str  # clean, legacy_pytorch or legacy_tensorflow: selects clean-fid's resize
+    mode: str  # clean, legacy_pytorch or legacy_tensorflow: selects clean-fid's resize; or proxy
     name: str  # identifies the features in cache keys, e.g. "inception_v3/clean"
     device: torch.device
     resize_threads: int = 0  # threads for the per-image resize (0 = min(8, cpu count))
+    suffix: str = ""  # appended to the scores' names: fid{suffix}, kid{suffix}
 
     def __post_init__(self) -> None:
-        self._resize = build_resizer(self.mode)  # raises ValueError on an unknown mode
+        self._resize = None if self.mode == "proxy" else build_resizer(self.mode)  # ValueError on an unknown mode
         self._pool = ThreadPoolExecutor(self.resize_threads or min(8, os.cpu_count() or 1))
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """One HxWx3 image (uint8, or float in [0,255]) -> float (3,h,w) network input (clean-fid's resize)."""
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an HxWx3 image, got shape {tuple(image.shape)}")
+        if self._resize is None:
+            x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()[None]
+            size = (proxy_features.SIZE, proxy_features.SIZE)
+            if tuple(x.shape[-2:]) != size:
+                x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True,
+                                                    align_corners=False)
+            return x[0]
         out = np.asarray(self._resize(image), dtype=np.float32)
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+    def named(self, scores: dict[str, float]) -> dict[str, float]:
+        """{"fid": ..., "kid": ...} named for these features: fid, fid_proxy, fid_custom, ..."""
+        return {f"{k}{self.suffix}": v for k, v in scores.items()}
 
     def prepare_batch(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B,3,H,W) (or float in [0,255]) -> float (B,3,299,299) network input."""
@@ -219,7 +235,9 @@ def _import_callable(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def load_feature_extractor(ecfg: EvalConfig, device: torch.device | str = "cpu") -> FeatureExtractor:
-    """clean-fid's Inception for ecfg.mode, or the custom `module:callable` of ecfg.feature_extractor.
+    """clean-fid's Inception for ecfg.mode (eval.features=inception), the built-in offline proxy
+    (eval.features=proxy, `waveforge.proxy_features`), or the custom `module:callable` of
+    ecfg.feature_extractor (which takes precedence).
 
     The custom callable has clean-fid's `custom_feat_extractor` interface (float Bx3x299x299 in [0,255] ->
     BxD); an nn.Module is moved to `device` and put in eval mode. Raises InceptionUnavailable with the file
@@ -231,7 +249,10 @@ def load_feature_extractor(ecfg: EvalConfig, device: torch.device | str = "cpu")
         if isinstance(model, torch.nn.Module):
             model = model.to(device).eval()
         return FeatureExtractor(model=model, mode=ecfg.mode, name=f"{ecfg.feature_extractor}/{ecfg.mode}",
-                                device=device)
+                                device=device, suffix="_custom")
+    if ecfg.features == "proxy":
+        return FeatureExtractor(model=proxy_features.ProxyFeatures().to(device), mode="proxy",
+                                name=proxy_features.NAME, device=device, suffix="_proxy")
     return FeatureExtractor(model=_inception(ecfg, device), mode=ecfg.mode, name=f"inception_v3/{ecfg.mode}",
                             device=device)
 
@@ -434,7 +455,7 @@ def generate_features(generate: Callable[[list[int]], torch.Tensor], num_samples
 def list_images(folder: str | os.PathLike) -> list[str]:
     """Image files under `folder` (recursive, sorted), as clean-fid lists them."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
+        raise ConfigError(f"image folder {str(folder)!r} does not exist")
     return sorted(f for ext in EXTENSIONS for f in glob(os.path.join(folder, f"**/*.{ext}"), recursive=True))
 
 
@@ -450,7 +471,7 @@ def folder_features(folder: str | os.PathLike, extractor: FeatureExtractor, batc
     """Features of every image in a local folder; rank r takes files r, r+world, ... Call `.reduce()`."""
     files = list_images(folder)
     if len(files) < 2:
-        raise ValueError(f"image folder {str(folder)!r} holds {len(files)} image(s): FID needs at least 2")
+        raise ConfigError(f"image folder {str(folder)!r} holds {len(files)} image(s): FID needs at least 2")
     rank, world = dist.rank(), dist.world()
     mine = list(range(rank, len(files), world))
     stats = FeatureStats(keep_features=kid)
@@ -465,12 +486,13 @@ def folder_features(folder: str | os.PathLike, extractor: FeatureExtractor, batc
 
 def fid_folders(real_dir: str | os.PathLike, fake_dir: str | os.PathLike, ecfg: EvalConfig,
                 device: torch.device | str | None = None, progress: bool = True) -> dict[str, float]:
-    """{"fid", "kid"} between two image folders (clean-fid's compute_fid/compute_kid(real_dir, fake_dir))."""
+    """FID and KID between two image folders (clean-fid's compute_fid/compute_kid(real_dir, fake_dir)), named
+    for the features: {"fid", "kid"} with Inception, {"fid_proxy", "kid_proxy"} with the proxy, ..."""
     extractor = load_feature_extractor(ecfg, device if device is not None else dist.device())
     real = folder_features(real_dir, extractor, ecfg.batch_size, kid=ecfg.kid, progress=progress).reduce()
     fake = folder_features(fake_dir, extractor, ecfg.batch_size, kid=ecfg.kid, progress=progress).reduce()
-    return scores(real, fake, kid=ecfg.kid, kid_subsets=ecfg.kid_subsets, kid_subset_size=ecfg.kid_subset_size,
-                   device=extractor.device)
+    return extractor.named(scores(real, fake, kid=ecfg.kid, kid_subsets=ecfg.kid_subsets,
+                                  kid_subset_size=ecfg.kid_subset_size, device=extractor.device))
 
 
 def iterator_features(batches: Iterable[torch.Tensor], extractor: FeatureExtractor, kid: bool = False,

@@ -91,8 +91,22 @@ def init_distributed(backend: str = "auto") -> torch.device:
     if not dist.is_initialized():
         import deepspeed
 
+        if not torch.cuda.is_available() and int(os.environ["WORLD_SIZE"]) == 1:
+            _without_shm_comm_op()
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30), verbose=False)
     return dist.device()
+
+
+def _without_shm_comm_op() -> None:
+    """One CPU rank shares no memory with anyone: keep DeepSpeed from JIT-compiling its shared-memory
+    all-reduce op (~77 s on 2 cores, the first time on every machine: most of the embedded default's start).
+    DeepSpeed builds it only for ops its install marked compatible; this marks it not. The one place that
+    touches `deepspeed.ops.__compatible_ops__` (tests/test_runtime.py fails if DeepSpeed stops honouring it)."""
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 def shutdown() -> None:

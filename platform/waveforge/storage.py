@@ -27,7 +27,7 @@ from urllib.parse import urlparse, urlsplit
 
 import fsspec
 
-from waveforge.config import StorageConfig
+from waveforge.config import StorageConfig, UserError
 
 T = TypeVar("T")
 
@@ -40,15 +40,15 @@ class StorageError(OSError):
     """A storage operation failed for a reason retrying does not fix (credentials, bucket, endpoint)."""
 
 
-class AccessDenied(StorageError):
+class AccessDenied(StorageError, UserError):
     """The credentials were refused (wrong key or secret, or no permission on the bucket or file)."""
 
 
-class BucketMissing(StorageError):
+class BucketMissing(StorageError, UserError):
     """The URL's bucket does not exist."""
 
 
-class Unreachable(StorageError):
+class Unreachable(StorageError, UserError):
     """The storage endpoint did not answer, or kept failing, through every retry."""
 
 

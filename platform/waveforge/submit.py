@@ -12,28 +12,56 @@ after a USR2-triggered collective checkpoint lets rank 0 requeue the job.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from waveforge import config, dist, jobs, runtime, train
+from waveforge import config, dist, runtime, storage
 from waveforge.config import Recipe
+from waveforge.data.shards import manifest_url, synthetic_allowed
 from waveforge.data.workers import start_worker_server
 
 JOBS = ("train", "evaluate", "sample")
 
 
-def backend_of(cfg_backend: str) -> str:
-    """auto -> slurm when sbatch is on PATH, else local processes."""
-    if cfg_backend != "auto":
-        return cfg_backend
-    return "slurm" if shutil.which("sbatch") else "local"
+def slurm_answers() -> tuple[bool, str]:
+    """(True, "") when a Slurm controller answers `sinfo`, else (False, why)."""
+    if shutil.which("sinfo") is None:
+        return False, "no sinfo on PATH"
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, f"sinfo: {e}"
+    if r.returncode != 0:
+        first = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[0]
+        return False, f"sinfo: {first}"
+    return True, ""
+
+
+def choose_backend(cfg_backend: str) -> str:
+    """cluster.backend -> "slurm" or "local". auto: Slurm when its controller answers, else local processes
+    (saying why). slurm when it does not answer: ConfigError, before anything is written."""
+    if cfg_backend == "local":
+        return "local"
+    ok, why = slurm_answers()
+    if cfg_backend == "slurm":
+        if not ok:
+            raise config.ConfigError(f"cluster=slurm: the Slurm cluster does not answer ({why}); set SLURM_CONF "
+                                     "for its slurm.conf, or use cluster=local")
+        return "slurm"
+    if not ok:
+        print(f"cluster=auto: no Slurm cluster answers ({why}); running as local processes", flush=True)
+    return "slurm" if ok else "local"
 
 
 def slurm_parameters(cfg: Recipe, job: str = "train") -> dict[str, Any]:
@@ -103,12 +131,16 @@ class Task:
         import submitit
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        if self.job == "train" and self.cfg.data.num_workers:
+            start_worker_server()  # as jobs/train.py does: the workers' server imports torch while we do
+        # The job bodies (torch, DeepSpeed, clean-fid: seconds of imports) are imported here, in the task:
+        # the submitting process never needs them.
+        from waveforge import jobs, train
+
         if self.job == "evaluate":
             return str(jobs.evaluate(self.cfg, **self.job_args))
         if self.job == "sample":
             return str(jobs.sample(self.cfg, **self.job_args))
-        if self.cfg.data.num_workers:
-            start_worker_server()  # as jobs/train.py does: the workers' server imports while we do
         stop = runtime.StopFlag()
         status = train.main(self.cfg, stop)
         requeued = status == "stopped" and dist.any_rank(stop.preempted) and _requeue(self.cfg)
@@ -151,37 +183,147 @@ def _requeue(cfg: Recipe) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def submit(cfg: Recipe, job: str = "train", job_args: dict[str, Any] | None = None) -> Any:
-    """Submit `job` for `cfg` (validated; run.dir set, see config.with_run_folder) through submitit; returns
-    the submitit Job. Writes the run folder's recipe.yaml and code version first."""
+def submit(cfg: Recipe, job: str = "train", job_args: dict[str, Any] | None = None, backend: str = "") -> Any:
+    """Submit `job` for `cfg` (validated) through submitit on `backend` ("slurm" or "local"; default:
+    `choose_backend(cluster.backend)`); returns the submitit Job. Names the run folder if the recipe does
+    not (config.with_run_folder) and writes its recipe.yaml and code version first; a submission that is
+    refused leaves no new run folder behind (ConfigError with the scheduler's reason)."""
     import submitit
 
+    cfg = config.with_run_folder(cfg, datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
+    backend = backend or choose_backend(cfg.cluster.backend)
     run_dir = Path(cfg.run.dir)
-    backend = backend_of(cfg.cluster.backend)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(cfg, run_dir / "recipe.yaml")
     (run_dir / "code_version.txt").write_text(runtime.code_version() + "\n")
     folder = log_folder(run_dir)
     task = Task(cfg, job, job_args)
-    if backend == "slurm":
-        executor: Any = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeue)
-        executor.update_parameters(**slurm_parameters(cfg, job))
-        return executor.submit(task)
-    executor = submitit.LocalExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeue)
-    executor.update_parameters(nodes=1, tasks_per_node=config.world_size(cfg),
-                               timeout_min=config.time_limit_minutes(cfg.cluster.time))
-    # The local tasks inherit this process's environment. Without MASTER_PORT, submitit derives the port
-    # from the job id (a pid here) without checking it: a port some other socket holds fails rank 0's
-    # rendezvous with EADDRINUSE. A port free now is taken by rank 0 seconds later.
     previous = os.environ.get("MASTER_PORT")
-    os.environ["MASTER_PORT"] = str(runtime.free_port())
     try:
+        if backend == "slurm":
+            executor: Any = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeue)
+            executor.update_parameters(**slurm_parameters(cfg, job))
+            return executor.submit(task)
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeue)
+        executor.update_parameters(nodes=1, tasks_per_node=config.world_size(cfg), stderr_to_stdout=True,
+                                   timeout_min=config.time_limit_minutes(cfg.cluster.time))
+        # The local tasks inherit this process's environment. Without MASTER_PORT, submitit derives the port
+        # from the job id (a pid here) without checking it: a port some other socket holds fails rank 0's
+        # rendezvous with EADDRINUSE. A port free now is taken by rank 0 seconds later.
+        os.environ["MASTER_PORT"] = str(runtime.free_port())
         return executor.submit(task)
+    except Exception as e:  # noqa: BLE001 - sbatch's refusal (or a local start that failed): one line for the user
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        lines = [x.strip() for x in str(e).splitlines() if x.strip() and "Traceback" not in x]
+        reason = next((x for x in lines if "error" in x.lower()), lines[-1] if lines else type(e).__name__)
+        raise config.ConfigError(f"the {backend} submission was refused: {reason}") from e
     finally:
-        if previous is None:
-            del os.environ["MASTER_PORT"]
-        else:
-            os.environ["MASTER_PORT"] = previous
+        if backend == "local":
+            if previous is None:
+                os.environ.pop("MASTER_PORT", None)
+            else:
+                os.environ["MASTER_PORT"] = previous
+
+
+# --------------------------------------------------------------------------------------------------
+# Pre-flight: what can be checked from the submitting machine before anything is written or submitted
+# --------------------------------------------------------------------------------------------------
+
+
+def preflight(cfg: Recipe, job: str, job_args: dict[str, Any], backend: str) -> None:
+    """UserError (one line: exit 2 at the command line) for what would fail or never start: a Slurm job the
+    partition can never run (nodes, CPUs, GPUs per node), training data that is not there or not readable
+    with the given credentials, a tracking server that does not answer, a model to sample that is not
+    there. `jobs/submit.py --no-preflight` skips it."""
+    if backend == "slurm":
+        check_partition(cfg)
+    if job == "train" or (job == "evaluate" and not job_args.get("real")):
+        check_data(cfg)
+    source = str(job_args.get("checkpoint") or job_args.get("run") or "")
+    if job in ("evaluate", "sample") and source and storage.is_local(source) \
+            and not Path(storage.local_path(source)).exists():
+        raise config.ConfigError(f"run={source}: no such run, checkpoint or export folder")
+    if job == "train" and cfg.tracking.enabled:
+        check_tracking(cfg)
+
+
+def _partitions() -> dict[str, dict[str, Any]]:
+    """{partition: {"default", "nodes", "cpus", "gpus"}} from sinfo (nodes summed over its states; the
+    smallest CPU and GPU counts of its node groups: what every node of the job is sure to have)."""
+    r = subprocess.run(["sinfo", "-h", "-o", "%P|%F|%c|%G"], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise config.ConfigError(f"sinfo failed: {(r.stderr.strip().splitlines() or ['?'])[0]}")
+    out: dict[str, dict[str, Any]] = {}
+    for line in r.stdout.splitlines():
+        try:
+            name, counts, cpus, gres = line.strip().split("|")
+        except ValueError:
+            continue
+        default = name.endswith("*")
+        p = out.setdefault(name.rstrip("*"), {"default": default, "nodes": 0, "cpus": 1 << 30, "gpus": 1 << 30})
+        p["nodes"] += int(counts.split("/")[-1])
+        p["cpus"] = min(p["cpus"], int(re.sub(r"\D.*", "", cpus) or 0))
+        gpus = sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+        p["gpus"] = min(p["gpus"], gpus)
+    return out
+
+
+def check_partition(cfg: Recipe) -> None:
+    """The partition has the nodes, CPUs and GPUs a node that the recipe asks for (else the job would wait
+    in the queue forever: Slurm's PartitionNodeLimit and friends)."""
+    c = cfg.cluster
+    parts = _partitions()
+    if c.partition:
+        if c.partition not in parts:
+            raise config.ConfigError(f"cluster.partition={c.partition}: no such partition (this cluster has "
+                                     f"{', '.join(sorted(parts)) or 'none'})")
+        name = c.partition
+    else:
+        defaults = [n for n, p in parts.items() if p["default"]]
+        if not defaults:
+            return  # no default partition: sbatch itself will say
+        name = defaults[0]
+    p = parts[name]
+    if c.nodes > p["nodes"]:
+        raise config.ConfigError(f"cluster.nodes={c.nodes}: partition {name} has {p['nodes']} node(s); the job "
+                                 "would stay pending forever")
+    tasks = c.tasks_per_node or c.gpus_per_node
+    if tasks * c.cpus_per_task > p["cpus"]:
+        raise config.ConfigError(f"{tasks} tasks x cluster.cpus_per_task={c.cpus_per_task} = "
+                                 f"{tasks * c.cpus_per_task} CPUs a node, but partition {name}'s nodes have "
+                                 f"{p['cpus']}")
+    if not c.tasks_per_node and c.gpus_per_node > p["gpus"]:
+        raise config.ConfigError(f"cluster.gpus_per_node={c.gpus_per_node}: partition {name}'s nodes have "
+                                 f"{p['gpus']} GPU(s)" + (" (for CPU tasks set cluster.tasks_per_node)"
+                                                         if p["gpus"] == 0 else ""))
+
+
+def check_data(cfg: Recipe) -> None:
+    """The training data set is there and readable with the given credentials (or is the embedded default's
+    synthetic set, drawn at the start)."""
+    if synthetic_allowed(cfg):
+        return
+    if not cfg.data.url:
+        raise config.ConfigError("data.url is empty: set it to a shard folder written by python jobs/make_shards.py")
+    murl = manifest_url(cfg.data.url)
+    if not storage.exists(murl, cfg.storage, retries=1):
+        raise config.ConfigError(f"data.url={cfg.data.url}: no data set there ({murl} not found); write one with "
+                                 "python jobs/make_shards.py, or fix the URL")
+
+
+def check_tracking(cfg: Recipe) -> None:
+    """A tracking server (tracking.uri or MLFLOW_TRACKING_URI over http) answers its health check."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as r:
+            r.read()
+    except (OSError, ValueError) as e:
+        raise config.ConfigError(f"tracking.uri={uri}: the MLflow server does not answer ({e}); start it or fix "
+                                 "the URI (or submit with --no-preflight)") from None
 
 
 class JobFailed(RuntimeError):
@@ -211,13 +353,73 @@ def failed_task(handle: Any) -> tuple[int, str] | None:
     return None
 
 
+# What rank 0's log holds beside the platform's own lines, kept out of the console that follows a job (the
+# log file keeps everything): third-party INFO/DEBUG records, Python warnings with their source line, and
+# progress bars.
+_NOISE = re.compile(
+    r"^(submitit (INFO|DEBUG)\b"
+    r"|\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (INFO|DEBUG) "          # MLflow's own format
+    r"|\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|DEBUG|WARNING)\] "       # DeepSpeed's format
+    r"|[WI]\d{4} [\d:.]+ \d+ .*\] "                              # torch's C++/glog-style warnings
+    r"|.*\b\w*Warning: "                                      # Python warnings
+    r"|.*\d+%\|.*\| \d+/\d+ \["                               # tqdm bars
+    r"|.*img \[[\d:]+, [\d.?]+img/s\]"
+    r"|DeepSpeed .* built successfully)")
+
+
+class ConsoleFilter:
+    """Turns chunks of a job's log into what a person following it wants to see: the platform's lines,
+    errors and tracebacks (third-party noise dropped, see _NOISE); on a terminal, consecutive progress lines
+    ("step N/M ...") overwrite each other in place."""
+
+    def __init__(self, out: Any) -> None:
+        self.out, self.tty = out, bool(getattr(out, "isatty", lambda: False)())
+        self.partial = ""
+        self.skip_source = False  # the source line Python prints after a warning
+        self.in_place = False
+
+    def write(self, chunk: str) -> None:
+        text = self.partial + chunk
+        *lines, self.partial = text.split("\n")
+        for line in lines:
+            self.line(line.split("\r")[-1])
+
+    def line(self, line: str) -> None:
+        if not line.strip():
+            return
+        if self.skip_source:
+            self.skip_source = False
+            if line.startswith("  "):
+                return
+        if _NOISE.match(line):
+            self.skip_source = "Warning: " in line
+            return
+        progress = self.tty and line.startswith("step ")
+        if progress:
+            print(f"\r\033[K{line}", end="", file=self.out, flush=True)
+        else:
+            print(("\n" if self.in_place else "") + line, file=self.out, flush=True)
+        self.in_place = progress
+
+    def close(self) -> None:
+        if self.partial:
+            self.line(self.partial)
+            self.partial = ""
+        if self.in_place:
+            print(file=self.out, flush=True)
+            self.in_place = False
+
+
 def follow(handle: Any, poll_s: float = 2.0, out: Any = None) -> list[Any]:
-    """Stream rank 0's log of a submitit job to `out` (stdout) until the job ends; return every task's result.
+    """Stream rank 0's log of a submitit job to `out` (stdout; third-party noise left in the file, see
+    ConsoleFilter) until the job ends; return every task's result.
 
     When a task fails while others still run (a rank that died before the rendezvous or in rank-0-only work
     leaves the others waiting for it until the 30-minute timeout), the job is cancelled at once and JobFailed
     names the task. Under Slurm `--kill-on-bad-exit` already ends the step; this also covers local jobs."""
-    out = out or sys.stdout
+    console = ConsoleFilter(out or sys.stdout)
+    # submitit warns on every poll of a cluster without accounting ("Bypassing sacct error"): not news
+    logging.getLogger("submitit").setLevel(logging.ERROR)
     pos, failure, cancelled_at = 0, None, 0.0
     while True:
         done = handle.done()
@@ -228,13 +430,15 @@ def follow(handle: Any, poll_s: float = 2.0, out: Any = None) -> list[Any]:
                 chunk = f.read()
                 pos = f.tell()
             if chunk:
-                print(chunk, end="", file=out, flush=True)
+                console.write(chunk)
         if done:
+            console.close()
             break
         if failure is None:
             failure = failed_task(handle)
             if failure is not None:
-                print(f"task {failure[0]} failed: stopping the other tasks", file=out, flush=True)
+                console.close()
+                print(f"task {failure[0]} failed: stopping the other tasks", file=console.out, flush=True)
                 _cancel(handle)
                 cancelled_at = time.monotonic()
         elif time.monotonic() - cancelled_at > 60:

@@ -101,8 +101,9 @@ def run_sweep(cfg: Recipe, run: str, samplers: list[tuple[str, dict[str, str]]],
             bs = c.eval.batch_size
             speed = sampling_speed(lambda g=generate, b=bs: g(list(range(b))), bs, repeats=speed_repeats)
         result = evaluator.fid(generate, progress=False)
+        suffix = evaluator.extractor.suffix  # the table's fid/kid columns hold these features' scores
         row = {"label": label(name, opts), "sampler": name, "steps": n, "nfe": edm.network_calls(c),
-               "fid": result["fid"], "kid": result.get("kid", float("nan")), **speed,
+               "fid": result[f"fid{suffix}"], "kid": result.get(f"kid{suffix}", float("nan")), **speed,
                "options": json.dumps(edm.describe(c))}
         rows.append(row)
         dist.print0(f"{row['label']:<32} steps {n:>4d}  NFE {row['nfe']:>4d}  FID {row['fid']:.3f}  "
@@ -110,9 +111,9 @@ def run_sweep(cfg: Recipe, run: str, samplers: list[tuple[str, dict[str, str]]],
     if dist.rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         files = write_table(rows, out_dir, title=f"{info.get('source') or run} (step {info.get('step')}), "
-                                                 f"{cfg.eval.num_samples} samples, "
-                                                 f"{cfg.eval.feature_extractor or cfg.eval.mode} features")
-        _track(cfg, run_dir, out_dir, rows, files, info)
+                                                 f"{cfg.eval.num_samples} samples, {evaluator.extractor.name} "
+                                                 "features")
+        _track(cfg, run_dir, out_dir, rows, files, info, evaluator.extractor.suffix)
     dist.barrier()
     return rows
 
@@ -158,7 +159,7 @@ def _metric_key(text: str) -> str:
 
 
 def _track(cfg: Recipe, run_dir: Path | None, out_dir: Path, rows: list[dict[str, Any]], files: list[Path],
-           info: dict[str, Any]) -> None:
+           info: dict[str, Any], suffix: str) -> None:
     """A new MLflow run in the training run's store and experiment, tagged with its id (tracking.enabled)."""
     if not cfg.tracking.enabled:
         return
@@ -171,7 +172,8 @@ def _track(cfg: Recipe, run_dir: Path | None, out_dir: Path, rows: list[dict[str
     c.run.name = f"sweep-{run_dir.name if run_dir is not None else 'model'}"
     tracker = tracking.Tracker.open(c, out_dir, None, tags)
     for r in rows:
-        tracker.log_metrics({_metric_key(f"fid/{r['label']}"): r["fid"], _metric_key(f"kid/{r['label']}"): r["kid"],
+        tracker.log_metrics({_metric_key(f"fid{suffix}/{r['label']}"): r["fid"],
+                             _metric_key(f"kid{suffix}/{r['label']}"): r["kid"],
                              _metric_key(f"s_per_batch/{r['label']}"): r["s_per_batch"]}, step=int(r["nfe"]))
     for f in files:
         tracker.log_artifact(f)

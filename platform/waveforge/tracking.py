@@ -70,6 +70,21 @@ def embedded_uri(run_dir: Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve().parent}/mlflow.db"
 
 
+def ui_hint(run_dir: Path) -> str:
+    """How to look at the run of `run_dir` in MLflow's UI: the command to start the UI for the embedded
+    store (or the server's address) and the page of the run on the classic training view (MLflow 3 opens
+    its GenAI view unless the URL asks for workflowType=machine_learning). "" when the run has no MLflow run."""
+    path = Path(run_dir) / "tracking.json"
+    if not path.is_file():
+        return ""
+    meta = json.loads(path.read_text())
+    page = f"#/experiments/{meta['experiment_id']}/runs/{meta['run_id']}?workflowType=machine_learning"
+    uri = meta["tracking_uri"]
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri} --port 5000, then open http://127.0.0.1:5000/{page}"
+
+
 def read_run_id(run_dir: Path) -> str | None:
     """The MLflow run id a previous `Tracker.open` wrote to <run_dir>/tracking.json (None if none)."""
     path = Path(run_dir) / "tracking.json"
@@ -144,9 +159,10 @@ class Tracker:
     """The rank-0 MLflow run of a training run. Create with `Tracker.open`."""
 
     def __init__(self, client: Any, run_id: str, uri: str, run_dir: Path, tags: dict[str, str],
-                 monitor: Any = None) -> None:
+                 monitor: Any = None, continued: bool = False) -> None:
         self._client = client
         self._run_id = run_id
+        self.continued = continued  # an existing run continued (a resume or requeue), not a new one
         self.uri = uri
         self.run_dir = Path(run_dir)
         self._tags = dict(tags)  # the run's tags as we last set them (for slurm_job_ids merging)
@@ -243,7 +259,7 @@ class Tracker:
         if system_metrics:
             monitor = _start_system_metrics(run_id, uri, resume=continued)
         log.info("tracking: MLflow run %s at %s", run_id, uri)
-        return cls(client, run_id, uri, run_dir, {**stored_tags, **all_tags}, monitor)
+        return cls(client, run_id, uri, run_dir, {**stored_tags, **all_tags}, monitor, continued=continued)
 
     @property
     def run_id(self) -> str:
@@ -506,6 +522,7 @@ class NullTracker:
     system-metrics monitor of its node (`start_node_monitor`), which `close` stops."""
 
     run_id: str | None = None
+    continued = False
 
     def __init__(self, monitor: Any = None) -> None:
         self._monitor = monitor

@@ -62,9 +62,13 @@ def open_tracking(cfg: Recipe, run_dir: Path, run_id: str | None, device: torch.
         raise RuntimeError(f"tracking could not start ({tracking.tracking_uri(cfg, run_dir)}): "
                            f"{type(e).__name__}: {e}") from e
     if dist.rank() == 0:
-        if run_id is None:
-            opened[0].log_artifact(run_dir / "recipe.yaml")
-        return opened[0]
+        tracker = opened[0]
+        if isinstance(tracker, tracking.Tracker):
+            print(f"tracking: {'continuing' if tracker.continued else 'new'} MLflow run {tracker.run_id} "
+                  f"({tracker.uri})", flush=True)
+        if not tracker.continued:
+            tracker.log_artifact(run_dir / "recipe.yaml")
+        return tracker
     monitor = tracking.start_node_monitor(cfg, run_dir, shared_id) if dist.local_rank() == 0 else None
     return tracking.NullTracker(monitor)
 
@@ -103,7 +107,7 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: runtime.StopFlag) 
         meter.load_state_dict(state["interval"])  # the partial interval before a stop: logged with the next point
     log = RunLog(tracker, run_dir, first_step=step, last_step=last_step)
 
-    status = "finished"
+    status, path = "finished", checkpointer.newest()
     try:
         while step < last_step:
             t0 = time.perf_counter()
@@ -125,11 +129,14 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: runtime.StopFlag) 
                 log.train(step, images, {**meter.reduce(extra_sums=counters), **model.lrs(), "ema_decay": decay,
                                          "peak_memory_gb_max_rank": dist.max_over_ranks(peak_memory_gb(device))})
             if evaluator is not None and crossed(before, images, cfg.eval.every_images) and not final:
-                log.eval(step, images, *evaluator.evaluate(ema, step))
+                with meter.paused():  # evaluation is not training time
+                    log.eval(step, images, *evaluator.evaluate(ema, step))
             if final or stopping or crossed(before, images, cfg.checkpoint.every_images):
                 extra = {"run_id": tracker.run_id, "interval": meter.state_dict() if stopping else None}
-                path = checkpointer.save(step=step, images=images, engines=engines, ema=ema, loader=loader,
-                                         extra=extra, reason="stop" if stopping else "final" if final else "interval")
+                with meter.paused():
+                    path = checkpointer.save(step=step, images=images, engines=engines, ema=ema, loader=loader,
+                                             extra=extra, reason="stop" if stopping else "final" if final else
+                                             "interval")
                 tracker.set_tags({"checkpoint": checkpointer.where(path)})
             if stopping:
                 status = "stopped"
@@ -147,6 +154,7 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: runtime.StopFlag) 
     if failed_uploads:
         tracker.set_tags({"checkpoint_upload_failures": str(failed_uploads)})
     tracker.close("FINISHED" if status == "finished" else "KILLED")
+    log.summary(status=status, step=step, checkpoint=path, ui=tracking.ui_hint(run_dir) if rank == 0 else "")
     dist.barrier()
     return status
 

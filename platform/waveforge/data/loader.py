@@ -259,7 +259,7 @@ class ShardLoader:
         if self.num_workers == 0:
             self._it = self._reader_factory()(self.my_streams).steps()
             return
-        ctx = worker_context()
+        ctx = worker_context()  # its server, and so the workers, ignore stop signals
         res, nw, make_reader = self.resolution, self.num_workers, self._reader_factory()
         runs = [worker_streams(self.my_streams, nw, w) for w in range(nw)]
         rows = len(self.my_streams) * self.per_stream

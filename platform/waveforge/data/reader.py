@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from waveforge import storage as store
-from waveforge.config import ConfigError, StorageConfig
+from waveforge.config import ConfigError, StorageConfig, UserError
 from waveforge.data.decode import decode_hwc, decode_image
 from waveforge.data.order import SampleOrder, flip_bits
 from waveforge.data.shards import dataset_root, manifest_url, read_manifest
@@ -48,7 +48,7 @@ class SlotSink(Protocol):
 MAX_SAMPLE_REPORTS = 20  # corrupt samples named on stderr per reader; the rest are counted (data_corrupt_samples)
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Data could not be read and on_error='fail' (or no shard at all is readable)."""
 
 

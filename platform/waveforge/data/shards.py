@@ -351,38 +351,51 @@ def read_manifest(url: str, scfg: StorageConfig | None = None, retries: int = st
     return m
 
 
-def ensure_dataset(cfg: Any) -> str:
-    """The manifest URL of cfg.data.url; draws the synthetic set there first when allowed and absent.
+def synthetic_allowed(cfg: Any) -> bool:
+    """Whether the synthetic set may be drawn at data.url: only with data.synthetic_if_missing and only into
+    the recipe's own default data.url when that is a local folder (the embedded default), so that a typo in
+    a data URL is an error, never a freshly drawn synthetic data set that is then trained on."""
+    from waveforge import config
 
-    With data.synthetic_if_missing and no index.json at data.url, rank 0 writes data.synthetic_samples
-    synthetic images at model.resolution (the other ranks wait); otherwise a missing manifest is a
-    ConfigError telling the user to run make_shards and set data.url.
-    """
+    if not cfg.data.synthetic_if_missing or not storage.is_local(cfg.data.url) or not cfg.recipe:
+        return False
+    try:
+        default = config.load(cfg.recipe).data.url
+    except config.ConfigError:
+        return False
+    if not default or not storage.is_local(default):
+        return False
+
+    def where(url: str) -> str:
+        return os.path.abspath(storage.local_path(url))
+
+    return where(default) == where(cfg.data.url)
+
+
+def ensure_dataset(cfg: Any) -> str:
+    """COLLECTIVE: the manifest URL of cfg.data.url; draws the synthetic set there first when allowed
+    (`synthetic_allowed`) and absent. A missing data set is otherwise a ConfigError naming data.url and
+    telling how to make one."""
     from waveforge import dist
 
     url = cfg.data.url
     if not url:
-        raise ConfigError("data.url is empty: set it to a shard folder written by python jobs/make_shards.py "
-                          "(or data.synthetic_if_missing=true with a local data.url)")
+        raise ConfigError("data.url is empty: set it to a shard folder written by python jobs/make_shards.py")
     murl = manifest_url(url)
-    error = ""
-    if dist.rank() == 0:
-        try:
-            if not storage.exists(murl, cfg.storage, cfg.data.retries):
-                if not cfg.data.synthetic_if_missing:
-                    error = (f"no dataset at data.url={url} ({murl} not found): write one with "
-                             f"python jobs/make_shards.py source=<folder|zip|synthetic> output={url} "
-                             f"resolution={cfg.model.resolution}, or point data.url at an existing one")
-                else:
-                    n = cfg.data.synthetic_samples
-                    dist.print0(f"data: no dataset at {url}; drawing {n} synthetic {cfg.model.resolution}px "
-                                f"images there")
-                    make_shards("synthetic", dataset_root(murl), cfg.model.resolution, num_samples=n,
-                                encoding="png", samples_per_shard=max(1, math.ceil(n / 64)),
-                                workers=1, seed=0, storage_cfg=cfg.storage, progress=False)
-        except (OSError, ConfigError) as e:
-            error = str(e)
-    error = dist.broadcast_object(error)
-    if error:
-        raise ConfigError(error)
+
+    def check_or_draw() -> None:
+        if storage.exists(murl, cfg.storage, cfg.data.retries):
+            return
+        if not synthetic_allowed(cfg):
+            raise ConfigError(f"data.url={url}: no data set there ({murl} not found): write one with python "
+                              f"jobs/make_shards.py source=<folder|zip|synthetic> output={url} "
+                              f"resolution={cfg.model.resolution}, or point data.url at an existing one")
+        n = cfg.data.synthetic_samples
+        print(f"data: no data set at {url} yet; drawing the embedded default's {n} synthetic "
+              f"{cfg.model.resolution} px images there", flush=True)
+        make_shards("synthetic", dataset_root(murl), cfg.model.resolution, num_samples=n, encoding="png",
+                    samples_per_shard=max(1, math.ceil(n / 64)), workers=1, seed=0, storage_cfg=cfg.storage,
+                    progress=False)
+
+    dist.on_rank0(check_or_draw)
     return murl

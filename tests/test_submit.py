@@ -217,6 +217,9 @@ def test_preemption_checkpoints_requeues_and_matches_uninterrupted(slurm_two_nod
         assert torch.equal(a[k], b[k]), k
     steps_logged = [r["step"] for r in _rows(run_dir)]
     assert steps_logged[-1] == steps
+    # the curves of the preempted run have the uninterrupted run's points: the partial interval at the stop
+    # went into the checkpoint and was logged with the next point, not as a one-step spike
+    assert steps_logged == [r["step"] for r in _rows(tmp_path / "straight")]
 
 
 @pytest.mark.services

@@ -216,3 +216,25 @@ def test_reshard_2_to_1_and_back(shards: str, tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["images_seen"] for r in rows] == [16, 32, 48, 64]
     assert all(math.isfinite(r["d_loss"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_a_stop_mid_interval_leaves_the_curves_of_an_uninterrupted_run(shards: str, tmp_path: Path) -> None:
+    """Stopped after 6 steps (2 steps into a 4-step log interval) and resumed: no row for the partial
+    interval, the next row covers all 4 steps, and every logged value equals the uninterrupted run's."""
+    common = [f"data.url={shards}", "train.log_every_images=64", "train.max_steps=8", "dist.precision=fp32",
+              *QUIET]
+    torchrun({"runs": [{"recipe": "tiny", "overrides": [f"run.dir={tmp_path / 'straight'}", *common]},
+                       {"recipe": "tiny", "overrides": [f"run.dir={tmp_path / 'stopped'}", *common],
+                        "stop_after": 6}]}, tmp_path, nproc=1)
+    assert (tmp_path / "stopped" / "status.txt").read_text() == "stopped"
+    assert [r["step"] for r in metrics(tmp_path / "stopped")] == [4]  # nothing logged for steps 5-6 yet
+    torchrun({"runs": [{"recipe": "tiny", "overrides": [f"run.dir={tmp_path / 'stopped'}", *common]}]}, tmp_path,
+             nproc=1)
+    a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "stopped")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 8]
+    assert b[-1]["interval_images"] == a[-1]["interval_images"] == 64  # the rates cover all of the interval
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in (*LOSSES, "d_loss_real", "g_loss_rec", "images_seen"):
+            assert rb.get(k) == pytest.approx(ra.get(k), rel=1e-12, abs=0), (ra["step"], k)

@@ -98,13 +98,15 @@ def main() -> None:
     storage = StorageConfig(endpoint_url=os.environ.get("TEST_S3_ENDPOINT", ""))
     pause = float(a.get("pause_before_manifest", 0))
     if pause:  # a save sleeps after every rank wrote its shards, RNG and state, before hashing and the manifest
-        list_files = checkpoint._list_files
+        from waveforge.checkpoint import writer
+
+        list_files = writer._list_files
 
         def slow_list_files(folder: Path) -> list[str]:
             time.sleep(pause)
             return list_files(folder)
 
-        checkpoint._list_files = slow_list_files
+        writer._list_files = slow_list_files
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.rank(), dist.world()

@@ -22,6 +22,8 @@ import safetensors.torch
 import torch
 
 from waveforge import checkpoint, runtime
+from waveforge.checkpoint.files import _check_plain as check_plain
+from waveforge.checkpoint.remote import _remote_checkpoints as remote_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_ckpt_worker.py"
@@ -290,9 +292,9 @@ def test_find_resume_choices(straight, tmp_path: Path) -> None:
 def test_state_must_be_plain_data() -> None:
     import numpy as np
 
-    checkpoint._check_plain({"step": 1, "loader": {"order": torch.arange(3), "names": ["a"]}, "x": None})
+    check_plain({"step": 1, "loader": {"order": torch.arange(3), "names": ["a"]}, "x": None})
     with pytest.raises(TypeError, match=r"state\['loader'\]\['order'\] is a ndarray"):
-        checkpoint._check_plain({"loader": {"order": np.arange(3)}})
+        check_plain({"loader": {"order": np.arange(3)}})
 
 
 class _FakeEngine:
@@ -414,7 +416,7 @@ def test_object_storage_round_trip(s3_server, tmp_path: Path, monkeypatch: pytes
     scfg = StorageConfig(endpoint_url=s3_server.endpoint_url)
     assert storage.read_text(url + "/latest", scfg).strip() == "step-000000004"
     # remote keep_last=1: step 2 is gone (SeaweedFS may keep an empty folder entry; no object is left)
-    assert checkpoint._remote_checkpoints(url, scfg) == ["step-000000004"]
+    assert remote_checkpoints(url, scfg) == ["step-000000004"]
     fs, path = storage.filesystem(url, scfg)
     assert fs.du(path + "/step-000000002") == 0
     # Lose the local checkpoints: resume=auto fetches the newest from object storage, exactly.

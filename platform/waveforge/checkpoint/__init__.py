@@ -1,0 +1,66 @@
+"""Checkpoints: sharded DeepSpeed save, atomic publication, background upload, resume, reshard, export.
+
+A checkpoint is one folder `RUN_DIR/checkpoints/step-000000123/`:
+
+    manifest.json            written last: every file below with its size and sha256, the world size, step
+    state.pt                 the trainer's state dict (step, images, loader state, run id, recipe, code version)
+    ema.safetensors          the EMA generator (full, not sharded)
+    rng/rank-00000.pt        each rank's RNG states (torch, cuda, numpy, python)
+    G/, D/                   each DeepSpeed engine's own checkpoint (ZeRO partitions written by every rank)
+    G_universal/, ...        (only after a resume on another world size) DeepSpeed's universal format, derived
+
+Publication is atomic: every rank writes under `checkpoints/.tmp-000000123/`, rank 0 checks and hashes the
+files (the hashing is spread over the ranks), writes the manifest, renames the folder to `step-...` and
+only then replaces the `latest` pointer file (temp file + fsync + os.replace). A process killed at any
+moment leaves the previous checkpoint loadable; `.tmp-*` leftovers are removed by the next save or resume.
+A checkpoint is complete iff its manifest exists and every file it lists has the listed size.
+
+Object storage: DeepSpeed writes local paths only, so a checkpoint is published locally first and then
+copied by `Uploader` (rank 0, one background thread) to `URL/step-.../`: the files, then the manifest
+(a remote checkpoint is complete iff its manifest exists), then `URL/latest`. The URL is used as given:
+it is the remote twin of `RUN_DIR/checkpoints/` (pass a per-run URL).
+
+Call order in a trainer (every function marked COLLECTIVE is called by every rank):
+
+    ckpt = find_resume(run_dir, cfg.run.resume, url=..., storage=...)   # COLLECTIVE, before the engines
+    patch = ds_config_patch(ckpt, world) if ckpt else {}                 # COLLECTIVE; add to each DS config
+    engines = {"G": deepspeed.initialize(...), "D": ...}
+    state = load(ckpt, engines, ema) if ckpt else fresh                  # COLLECTIVE
+    uploader = Uploader(url, storage) if url and rank == 0 else None
+    ... save(run_dir, step, engines, ema, state, keep_last=..., uploader=uploader) ...  # COLLECTIVE
+    uploader.wait()                                                      # at the end; returns the error count
+
+(`waveforge.checkpointer.Checkpointer` does all of this for the trainer.)
+
+Everything this module writes itself is loaded as data (`torch.load(weights_only=True)`, safetensors);
+DeepSpeed's own shard files are read by DeepSpeed, which uses `torch.load(weights_only=False)` internally:
+only resume from checkpoints you trust.
+"""
+
+from waveforge.checkpoint.export import export
+from waveforge.checkpoint.files import (
+    EMA,
+    LATEST,
+    MANIFEST,
+    STATE,
+    CheckpointError,
+    ckpt_root,
+    complete_checkpoints,
+    is_complete,
+    read_manifest,
+    step_name,
+)
+from waveforge.checkpoint.reader import (
+    ds_config_patch,
+    find_resume,
+    load,
+    needs_universal,
+    prepare_universal,
+    read_state,
+)
+from waveforge.checkpoint.remote import Uploader, download, upload
+from waveforge.checkpoint.writer import save
+
+__all__ = ["EMA", "LATEST", "MANIFEST", "STATE", "CheckpointError", "Uploader", "ckpt_root", "complete_checkpoints",
+           "download", "ds_config_patch", "export", "find_resume", "is_complete", "load", "needs_universal",
+           "prepare_universal", "read_manifest", "read_state", "save", "step_name", "upload"]

@@ -1,0 +1,194 @@
+"""A checkpoint's files: names, the manifest, hashing and verification, leftovers, RNG states, the state's
+plain-data rule. Everything else in waveforge.checkpoint builds on these."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from waveforge import storage as wstorage
+from waveforge.config import UserError
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+STATE = "state.pt"
+EMA = "ema.safetensors"
+FORMAT = "waveforge-checkpoint"
+VERSION = 1
+UNIVERSAL_SUFFIX = "_universal"
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the run."""
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Names, manifests, small file helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def ckpt_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def _step_of(name: str) -> int | None:
+    """The step of a folder named step-NNN (None for anything else)."""
+    if not name.startswith("step-") or not name[5:].isdigit():
+        return None
+    return int(name[5:])
+
+
+def _is_url(text: str) -> bool:
+    return not wstorage.is_local(text)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old or the new content, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _hash_file(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file; also fsyncs it (the checkpoint must be on disk before it is published)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+        os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _list_files(folder: Path) -> list[str]:
+    """Every regular file under `folder`, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    path = Path(ckpt) / MANIFEST
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint: no {MANIFEST}") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable manifest ({e})") from e
+    if m.get("format") != FORMAT or m.get("version") != VERSION:
+        raise CheckpointError(f"{path}: not a {FORMAT} v{VERSION} manifest")
+    return m
+
+
+def is_complete(ckpt: Path, hashes: bool = False) -> bool:
+    """The manifest exists and every listed file has its size (and, with hashes=True, its sha256)."""
+    try:
+        m = read_manifest(ckpt)
+    except CheckpointError:
+        return False
+    for rel, info in m["files"].items():
+        p = Path(ckpt) / rel
+        if not p.is_file() or p.stat().st_size != info["size"]:
+            return False
+        if hashes and _hash_file(p)["sha256"] != info["sha256"]:
+            return False
+    return True
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root` (a run's checkpoints/ folder), oldest first."""
+    if not Path(root).is_dir():
+        return []
+    found = [(s, p) for p in Path(root).iterdir() if (s := _step_of(p.name)) is not None and p.is_dir()]
+    return [p for _, p in sorted(found) if is_complete(p)]
+
+
+def _remove_leftovers(root: Path, keep: str = "") -> None:
+    """Delete `.tmp-*` folders/files of interrupted saves, downloads and prunes (not `keep`)."""
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith((".tmp-", f".{LATEST}.tmp-")) and p.name != keep:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _delete_checkpoint(ckpt: Path) -> None:
+    """Remove a checkpoint folder atomically (rename aside first, so it never looks half deleted)."""
+    aside = ckpt.with_name(f".tmp-delete-{ckpt.name}-{os.getpid()}")
+    os.rename(ckpt, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG states (per rank) and the trainer's state
+# --------------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    out: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    v, internal, g = s["python"]
+    random.setstate((v, tuple(internal), g))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def _check_plain(obj: Any, where: str = "state") -> None:
+    """The trainer's state must load with weights_only=True: dicts/lists of numbers, strings, tensors."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: key {k!r} is a {type(k).__name__}; use str or int keys")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN):
+        raise TypeError(f"{where} is a {type(obj).__name__}: a checkpoint state holds only dicts, lists, "
+                        "numbers, strings, None and torch tensors (convert numpy arrays with torch.from_numpy)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -435,3 +436,68 @@ def test_object_storage_round_trip(s3_server, tmp_path: Path, monkeypatch: pytes
     with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
         checkpoint.find_resume(tmp_path / "z", url + "/step-000000005", storage=scfg)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Verification: nothing is loaded (or unpickled) before it matches the manifest
+# --------------------------------------------------------------------------------------------------
+
+
+class _Unpickled:
+    """Runs a command when unpickled: what a swapped checkpoint shard could do to a trainer that trusts it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_a_corrupted_checkpoint_is_passed_over_before_anything_is_unpickled(straight, tmp_path: Path) -> None:
+    """One flipped byte in the EMA, in an optimizer shard, or a swapped weight shard (a pickle that runs code)
+    in the newest checkpoint: the resume takes the one before (saying so), is bit-exact from there, and never
+    unpickles the bad file; with none left that verifies it stops naming each."""
+    a = straight("z2-z2-bf16")
+    marker = tmp_path / "code-ran"
+    for name, rel in (("ema", "ema.safetensors"), ("optim", "D/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+                      ("swapped", "G/mp_rank_00_model_states.pt")):
+        d = tmp_path / name
+        shutil.copytree(checkpoint.ckpt_root(a), checkpoint.ckpt_root(d))
+        target = checkpoint.ckpt_root(d) / "step-000000006" / rel
+        if name == "swapped":
+            torch.save({"module": _Unpickled(marker)}, target)
+        else:
+            _flip_byte(target)
+        run(2, d, steps=STEPS, save_every=3, snap="6", keep_last=5, **CONFIGS["z2-z2-bf16"])
+        assert [e["step"] for e in events(d) if e["kind"] == "resume"] == [3], name  # not 6
+        assert_same_state(a / "snap-6.pt", d / "snap-6.pt")  # steps 4-6 again, exactly
+        assert not marker.exists(), "a file that does not match its manifest was unpickled"
+        # nothing verifies any more: the error names every checkpoint it tried (exit 2 at the command line)
+        _flip_byte(checkpoint.ckpt_root(d) / "step-000000003" / "state.pt")
+        _flip_byte(checkpoint.ckpt_root(d) / "step-000000006" / "state.pt")
+        with pytest.raises(checkpoint.CheckpointError, match="no checkpoint to resume from verifies") as e:
+            checkpoint.find_resume(d, "auto")
+        assert "step-000000003" in str(e.value) and "step-000000006" in str(e.value) and "state.pt" in str(e.value)
+
+
+def test_export_verifies_and_never_writes_non_finite_weights(tmp_path: Path) -> None:
+    ckpt = _fake_save(tmp_path / "run", 1, keep_last=1)
+    _flip_byte(ckpt / "ema.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match="ema.safetensors: sha256"):
+        checkpoint.export(str(ckpt), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    nan = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        nan.weight[0, 0] = float("nan")
+    state = {"step": 2, "images": 20, "recipe": {"model": {}, "diffusion": {}}}
+    ckpt = checkpoint.save(tmp_path / "run", 2, {"G": _FakeEngine(), "D": _FakeEngine()}, nan, state, keep_last=2)
+    with pytest.raises(checkpoint.CheckpointError, match="non-finite weights .1 values in 1 tensor"):
+        checkpoint.export(str(ckpt), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

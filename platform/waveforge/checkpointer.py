@@ -45,14 +45,27 @@ class Checkpointer:
         self.uploader = (checkpoint.Uploader(c.url, cfg.storage, keep_last=c.remote_keep_last)
                          if c.url and dist.rank() == 0 else None)
         self.source: Path | None = None
+        self.notes: dict[str, str] = {}  # what the resume passed over and why (tags of the MLflow run)
 
     def plan(self, world: int) -> dict[str, Any]:
-        """COLLECTIVE: choose the checkpoint to resume from (run.resume) and check that its recipe trains the
-        same thing; returns what each engine's DeepSpeed config needs to load it ({} for a fresh start)."""
-        self.source = checkpoint.find_resume(self.run_dir, self.cfg.run.resume, url=self.cfg.checkpoint.url,
-                                             storage=self.cfg.storage)
+        """COLLECTIVE: choose the checkpoint to resume from (run.resume): the newest candidate whose files all
+        match its manifest (a corrupted one is passed over, said on the console and in `notes`); check that
+        its recipe trains the same thing; return what each engine's DeepSpeed config needs to load it ({}
+        for a fresh start). CheckpointError listing every candidate when there were some and none verifies."""
+        candidates = checkpoint.resume_candidates(self.run_dir, self.cfg.run.resume, url=self.cfg.checkpoint.url,
+                                                  storage=self.cfg.storage)
+        self.source, seconds, passed = checkpoint.first_verified(candidates)
+        if candidates and self.source is None:
+            raise checkpoint.CheckpointError(f"no checkpoint to resume from verifies; tried: {' | '.join(passed)}")
+        if passed:
+            self.notes["resume_passed_over"] = " | ".join(passed)
+            dist.print0(f"resuming from {self.source}, the newest checkpoint that verifies ({len(passed)} newer "
+                        "one(s) passed over)")
         if self.source is None:
             return {}
+        m = checkpoint.read_manifest(self.source)
+        dist.print0(f"verified {len(m['files'])} files ({sum(f['size'] for f in m['files'].values()) / 2**20:.0f} "
+                    f"MiB) of {self.source.name} against its manifest in {seconds:.2f} s")
         saved = checkpoint.read_state(self.source).get("recipe")
         if not isinstance(saved, dict):
             raise checkpoint.CheckpointError(f"{self.source}: its state holds no recipe")

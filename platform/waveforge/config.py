@@ -186,8 +186,9 @@ class DataConfig:
 class StorageConfig:
     endpoint_url: str = ""  # S3-compatible endpoint ("" = AWS or the AWS_ENDPOINT_URL env var)
     region: str = ""
-    access_key: str = ""  # "" = AWS_ACCESS_KEY_ID from the environment
-    secret_key: str = ""  # secret: never printed or saved; "" = AWS_SECRET_ACCESS_KEY
+    access_key: str = ""  # credential: never printed or saved; "" = AWS_ACCESS_KEY_ID from the environment
+    secret_key: str = ""  # credential: never printed or saved; "" = AWS_SECRET_ACCESS_KEY
+    credentials_file: str = ""  # file with AWS_ACCESS_KEY_ID=... and AWS_SECRET_ACCESS_KEY=... lines (mode 0600)
 
 
 @dataclass
@@ -314,7 +315,7 @@ ALIASES: dict[str, str] = {
     "noise_filter": "sampler.noise_filter",
 }
 
-SECRET_FIELDS = {"storage.secret_key"}
+SECRET_FIELDS = {"storage.secret_key", "storage.access_key"}
 # Fields that do not change what is trained: a resumed run may differ from its checkpoint only in these.
 NON_TRAINING_PREFIXES = ("run.", "cluster.", "tracking.", "eval.", "sampler.", "checkpoint.", "storage.", "recipe")
 NON_TRAINING_FIELDS = {"data.url", "data.num_workers", "data.cache_dir", "data.retries", "train.max_steps",
@@ -703,6 +704,16 @@ def save(cfg: Recipe, path: str | os.PathLike) -> None:
     """Write the resolved recipe (secrets masked) as YAML."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(to_yaml(cfg))
+
+
+def without_secrets(cfg: Recipe) -> Recipe:
+    """A copy of `cfg` without its credentials (what may be pickled into a submitted job: the job reads them
+    from its environment or from storage.credentials_file on the node)."""
+    out = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage))
+    for key in SECRET_FIELDS:
+        sec, name = key.split(".")
+        setattr(getattr(out, sec), name, "")
+    return out
 
 
 def load_saved(path: str | os.PathLike) -> Recipe:

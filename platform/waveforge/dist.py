@@ -92,6 +92,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order, on every rank (over the CPU control group)."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world()
+    dist.all_gather_object(out, obj, group=_group())
+    return out
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of `t` over ranks (a new tensor on t's device; float64 stays float64)."""
     if not is_initialized():

@@ -48,6 +48,10 @@ class BucketMissing(StorageError, UserError):
     """The URL's bucket does not exist."""
 
 
+class CredentialsFileError(StorageError, UserError):
+    """storage.credentials_file is missing, unreadable, or readable by others."""
+
+
 class Unreachable(StorageError, UserError):
     """The storage endpoint did not answer, or kept failing, through every retry."""
 
@@ -89,8 +93,9 @@ def storage_options(scfg: StorageConfig | None, url: str) -> dict[str, Any]:
         return {}
     endpoint = scfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
     region = scfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
-    key = scfg.access_key or os.environ.get("AWS_ACCESS_KEY_ID", "")
-    secret = scfg.secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    from_file = read_credentials_file(scfg.credentials_file) if scfg.credentials_file else {}
+    key = scfg.access_key or from_file.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_ACCESS_KEY_ID", "")
+    secret = scfg.secret_key or from_file.get("AWS_SECRET_ACCESS_KEY") or os.environ.get("AWS_SECRET_ACCESS_KEY", "")
     client_kwargs: dict[str, Any] = {}
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
@@ -106,6 +111,27 @@ def storage_options(scfg: StorageConfig | None, url: str) -> dict[str, Any]:
     if secret:
         opts["secret"] = secret
     return opts
+
+
+def read_credentials_file(path: str) -> dict[str, str]:
+    """KEY=value lines (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; `export ` prefixes and quotes allowed) of a
+    file only its owner may read (mode 0600 or stricter): a credentials file others can read is refused."""
+    p = os.path.expanduser(path)
+    try:
+        mode = os.stat(p).st_mode & 0o777
+        text = open(p).read()
+    except OSError as e:
+        raise CredentialsFileError(f"storage.credentials_file={path}: {e.strerror or e}") from None
+    if mode & 0o077:
+        raise CredentialsFileError(f"storage.credentials_file={path} can be read by others (mode {mode:o}): "
+                                   f"chmod 600 {path}")
+    out = {}
+    for line in text.splitlines():
+        line = line.strip().removeprefix("export ").strip()
+        if "=" in line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            out[k.strip()] = v.strip().strip("'\"")
+    return out
 
 
 def filesystem(url: str, scfg: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -198,8 +198,13 @@ def submit(cfg: Recipe, job: str = "train", job_args: dict[str, Any] | None = No
     config.save(cfg, run_dir / "recipe.yaml")
     (run_dir / "code_version.txt").write_text(runtime.code_version() + "\n")
     folder = log_folder(run_dir)
-    task = Task(cfg, job, job_args)
-    previous = os.environ.get("MASTER_PORT")
+    # The task is pickled into the job's folder (submitit's <job>_submitted.pkl): it carries no credential.
+    # Credentials given in the recipe reach the job through its environment, which sbatch and the local
+    # executor hand on (never written to the run folder), or through storage.credentials_file on the node.
+    task = Task(config.without_secrets(cfg), job, job_args)
+    credentials = {"AWS_ACCESS_KEY_ID": cfg.storage.access_key, "AWS_SECRET_ACCESS_KEY": cfg.storage.secret_key}
+    saved_env = {k: os.environ.get(k) for k in (*credentials, "MASTER_PORT")}
+    os.environ.update({k: v for k, v in credentials.items() if v})
     try:
         if backend == "slurm":
             executor: Any = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeue)
@@ -220,11 +225,11 @@ def submit(cfg: Recipe, job: str = "train", job_args: dict[str, Any] | None = No
         reason = next((x for x in lines if "error" in x.lower()), lines[-1] if lines else type(e).__name__)
         raise config.ConfigError(f"the {backend} submission was refused: {reason}") from e
     finally:
-        if backend == "local":
-            if previous is None:
-                os.environ.pop("MASTER_PORT", None)
+        for k, v in saved_env.items():  # the submitting process's environment as it was
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                os.environ["MASTER_PORT"] = previous
+                os.environ[k] = v
 
 
 # --------------------------------------------------------------------------------------------------

@@ -311,6 +311,8 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Queue tags; slurm_job_id / slurm_job_ids values are appended to the slurm_job_ids list."""
         self._check_open()
+        if not tags:
+            return
         tags = {str(k): _tag_value(v) for k, v in tags.items()}
         new_ids = [tags.pop(k) for k in ("slurm_job_id", "slurm_job_ids") if k in tags]
         if new_ids:

@@ -101,6 +101,7 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: runtime.StopFlag) 
     state = checkpointer.resume(engines, ema, loader) or {"step": 0, "images": 0}
     step, images = int(state["step"]), int(state["images"])
     tracker = open_tracking(cfg, run_dir, state.get("run_id"), device)
+    tracker.set_tags(checkpointer.notes)  # e.g. a corrupted checkpoint the resume passed over
     timer = PhaseTimer(device)
     meter = IntervalMeter(device, timer)
     if state.get("interval"):

@@ -15,6 +15,13 @@ only then replaces the `latest` pointer file (temp file + fsync + os.replace). A
 moment leaves the previous checkpoint loadable; `.tmp-*` leftovers are removed by the next save or resume.
 A checkpoint is complete iff its manifest exists and every file it lists has the listed size.
 
+Verification: before anything of a checkpoint is loaded (DeepSpeed unpickles its shards with
+weights_only=False), every file is checked against the manifest's size and sha256, the files split over the
+ranks (`verify`). A resume takes the newest candidate that verifies and says which ones it passed over
+(`resume_candidates`, `first_verified`, `find_resume`); export checks the files it reads and refuses
+non-finite weights. Modules: files (names, manifest, hashing, verification, RNG, plain state), writer
+(save), remote (upload, download), reader (resume, universal format, load), export.
+
 Object storage: DeepSpeed writes local paths only, so a checkpoint is published locally first and then
 copied by `Uploader` (rank 0, one background thread) to `URL/step-.../`: the files, then the manifest
 (a remote checkpoint is complete iff its manifest exists), then `URL/latest`. The URL is used as given:
@@ -32,9 +39,10 @@ Call order in a trainer (every function marked COLLECTIVE is called by every ran
 
 (`waveforge.checkpointer.Checkpointer` does all of this for the trainer.)
 
-Everything this module writes itself is loaded as data (`torch.load(weights_only=True)`, safetensors);
+Everything this package writes itself is loaded as data (`torch.load(weights_only=True)`, safetensors);
 DeepSpeed's own shard files are read by DeepSpeed, which uses `torch.load(weights_only=False)` internally:
-only resume from checkpoints you trust.
+they are verified against the manifest first, so a swapped or corrupted shard is never unpickled (the
+manifest itself is trusted: only resume from checkpoints whose folder you trust).
 """
 
 from waveforge.checkpoint.export import export
@@ -49,18 +57,23 @@ from waveforge.checkpoint.files import (
     is_complete,
     read_manifest,
     step_name,
+    verify,
+    verify_files,
 )
 from waveforge.checkpoint.reader import (
     ds_config_patch,
     find_resume,
+    first_verified,
     load,
     needs_universal,
     prepare_universal,
     read_state,
+    resume_candidates,
 )
 from waveforge.checkpoint.remote import Uploader, download, upload
 from waveforge.checkpoint.writer import save
 
 __all__ = ["EMA", "LATEST", "MANIFEST", "STATE", "CheckpointError", "Uploader", "ckpt_root", "complete_checkpoints",
-           "download", "ds_config_patch", "export", "find_resume", "is_complete", "load", "needs_universal",
-           "prepare_universal", "read_manifest", "read_state", "save", "step_name", "upload"]
+           "download", "ds_config_patch", "export", "find_resume", "first_verified", "is_complete", "load",
+           "needs_universal", "prepare_universal", "read_manifest", "read_state", "resume_candidates", "save",
+           "step_name", "upload", "verify", "verify_files"]

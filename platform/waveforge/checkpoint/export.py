@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import safetensors.torch
+import torch
 
 from waveforge import storage as wstorage
 from waveforge.checkpoint.files import (
@@ -21,6 +22,7 @@ from waveforge.checkpoint.files import (
     ckpt_root,
     read_manifest,
     step_name,
+    verify_files,
 )
 from waveforge.checkpoint.reader import _resolve_local, _resolve_remote, read_state
 from waveforge.checkpoint.remote import download
@@ -70,11 +72,19 @@ def _pick_name(checkpoint: str) -> str:
 
 def _write_export(ckpt: Path, out: Path, source: str) -> Path:
     m = read_manifest(ckpt)
+    problems = verify_files(ckpt, [EMA, STATE])  # what is read here matches the manifest, or nothing is written
+    if problems:
+        raise CheckpointError(f"{ckpt} does not match its manifest: {'; '.join(problems)}")
     state = read_state(ckpt)
     recipe = state.get("recipe")
     if not isinstance(recipe, dict) or "model" not in recipe or "diffusion" not in recipe:
         raise CheckpointError(f"{ckpt / STATE}: no recipe with model and diffusion sections")
     tensors = safetensors.torch.load_file(str(ckpt / EMA))
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if v.is_floating_point()
+           and not bool(torch.isfinite(v).all())}
+    if bad:
+        raise CheckpointError(f"{ckpt / EMA} holds non-finite weights ({sum(bad.values())} values in {len(bad)} "
+                              f"tensor(s), e.g. {', '.join(list(bad)[:3])}): not exported")
     meta = {"source": source, "step": str(m["step"]), "images": str(m.get("images", 0))}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".generator_ema.safetensors.tmp"

@@ -29,6 +29,7 @@ from waveforge.checkpoint.files import (
     complete_checkpoints,
     is_complete,
     read_manifest,
+    verify,
 )
 from waveforge.checkpoint.remote import _remote_checkpoints, download
 from waveforge.config import StorageConfig
@@ -65,43 +66,78 @@ def _resolve_remote(url: str, storage: StorageConfig | None) -> str:
     return f"{url.rstrip('/')}/{names[-1]}"
 
 
-def _find_resume_rank0(run_dir: Path, resume: str, url: str, storage: StorageConfig | None) -> Path | None:
+def _candidates_rank0(run_dir: Path, resume: str, url: str, storage: StorageConfig | None) -> list[Path]:
+    """The checkpoints a resume may take, newest first (the first that verifies is taken): see find_resume."""
     root = ckpt_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(root)
     if resume == "never":
-        return None
+        return []
     if resume == "auto":
-        local = _newest_local(root)
+        local = complete_checkpoints(root)[::-1]
         if url:
             names = _remote_checkpoints(url, storage)
-            if names and (local is None or _step_of(names[-1]) > _step_of(local.name)):
-                return download(wstorage.join(url, names[-1]), root, storage)
+            if names and (not local or _step_of(names[-1]) > _step_of(local[0].name)):
+                return [download(wstorage.join(url, names[-1]), root, storage), *local]
         return local
     if _is_url(resume):
-        return download(_resolve_remote(resume, storage), root, storage)
-    return _resolve_local(Path(wstorage.local_path(resume)))
+        return [download(_resolve_remote(resume, storage), root, storage)]
+    path = Path(wstorage.local_path(resume))
+    if (path / MANIFEST).is_file() or _step_of(path.name) is not None:
+        return [_resolve_local(path)]  # this checkpoint, and no other
+    _resolve_local(path)  # the error when it holds none
+    for folder in (path, ckpt_root(path)):
+        found = complete_checkpoints(folder)
+        if found:
+            return found[::-1]
+    return []
 
 
-def find_resume(run_dir: Path, resume: str, url: str = "", storage: StorageConfig | None = None) -> Path | None:
-    """COLLECTIVE: the checkpoint to resume from, the same Path on every rank, or None.
+def resume_candidates(run_dir: Path, resume: str, url: str = "", storage: StorageConfig | None = None
+                      ) -> list[Path]:
+    """COLLECTIVE: the checkpoints to resume from, newest first, the same list on every rank (a resume takes
+    the first that verifies, see `first_verified`); [] for a fresh start.
 
-    resume="never": None. "auto": the newest complete checkpoint of run_dir, or of `url` when that one is
-    newer (downloaded into run_dir/checkpoints/), or None. Anything else: a checkpoint folder, a run folder,
-    a checkpoints folder, or a URL of either (downloaded); CheckpointError when missing or incomplete.
-    Rank 0 decides and downloads; the others wait for the answer. Also removes `.tmp-*` leftovers.
+    resume="never": []. "auto": the complete checkpoints of run_dir, newest first, after the newest of `url`
+    when that one is newer (downloaded into run_dir/checkpoints/ and checked against its manifest). A
+    checkpoint folder: that one only. A run folder or a checkpoints folder: its complete checkpoints, newest
+    first. A URL: that remote checkpoint (or the newest under it), downloaded. CheckpointError when missing
+    or incomplete. Rank 0 decides and downloads; the others wait for the answer. Also removes `.tmp-*`
+    leftovers.
     """
-    def decide() -> str | None:
+    def decide() -> list[str]:
         try:
-            found = _find_resume_rank0(Path(run_dir), resume, url, storage)
+            return [str(p) for p in _candidates_rank0(Path(run_dir), resume, url, storage)]
         except CheckpointError as e:
             raise CheckpointError(f"cannot resume from {resume!r}: {e}") from e
         except OSError as e:  # storage unreachable, denied, ...
             raise CheckpointError(f"cannot resume from {resume!r}: {type(e).__name__}: {e}") from e
-        return str(found) if found is not None else None
 
-    path = dist.on_rank0(decide)
-    return Path(path) if path is not None else None
+    return [Path(p) for p in dist.on_rank0(decide)]
+
+
+def first_verified(candidates: list[Path]) -> tuple[Path | None, float, list[str]]:
+    """COLLECTIVE: the first of `candidates` whose every file matches its manifest (checked before any of
+    it is loaded: `verify`), the seconds that check took, and why each candidate before it was passed over
+    (rank 0 says so on the console)."""
+    passed: list[str] = []
+    for ckpt in candidates:
+        try:
+            return ckpt, verify(ckpt), passed
+        except CheckpointError as e:
+            passed.append(str(e))
+            dist.print0(f"checkpoint: {e}; {'trying the one before' if ckpt != candidates[-1] else 'no other'}")
+    return None, 0.0, passed
+
+
+def find_resume(run_dir: Path, resume: str, url: str = "", storage: StorageConfig | None = None) -> Path | None:
+    """COLLECTIVE: the newest checkpoint of `resume_candidates` that verifies, or None for a fresh start;
+    CheckpointError listing every candidate and why when there were some and none verifies."""
+    candidates = resume_candidates(run_dir, resume, url, storage)
+    chosen, _, passed = first_verified(candidates)
+    if candidates and chosen is None:
+        raise CheckpointError(f"no checkpoint to resume from verifies; tried: {' | '.join(passed)}")
+    return chosen
 
 
 def needs_universal(ckpt: Path, world: int) -> bool:

@@ -363,6 +363,31 @@ def test_stop_signals_are_the_trainers_not_the_workers(synth):
     ld.close()
 
 
+def test_sigkill_leaves_nothing_in_dev_shm(synth, tmp_path):
+    """A trainer killed with SIGKILL together with its loader workers, forkserver and resource tracker (its
+    whole process group) leaves no POSIX semaphore or shared-memory file behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    before = set(os.listdir("/dev/shm"))
+    code = ("from waveforge.data import ShardLoader\n"
+            f"ld = ShardLoader({synth!r}, global_batch={G}, rank=0, world=1, num_workers=2, seed=3)\n"
+            "for _ in range(3):\n    ld.next_step()\n"
+            "print('READY', flush=True)\nimport time\ntime.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        during = set(os.listdir("/dev/shm")) - before
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(1.0)
+    left = {n for n in set(os.listdir("/dev/shm")) - before if n.startswith(("sem.", "torch_", "psm_", "wnsm_"))}
+    assert not left, f"left in /dev/shm after SIGKILL: {sorted(left)} (while running: {sorted(during)})"
+
+
 def test_worker_waits_for_its_next_slot_to_be_named():
     """A worker writes a step only into the slot the main process named for it (none named: it waits), and
     stops waiting when the loader closes."""

@@ -52,6 +52,22 @@ _AHEAD_MIN = 2  # a slot is lent to the caller only while this many others stay 
 STATE_FORMAT = "waveforge-loader/1"
 
 
+class StopFlagShared:
+    """A stop flag the main process sets and its workers read: one byte in shared memory. Not a
+    multiprocessing Event, whose named POSIX semaphores (/dev/shm/sem.mp-*) outlive a process killed with
+    SIGKILL together with multiprocessing's resource tracker: a node that runs many jobs would accumulate them.
+    A shared tensor's memory goes with the last process that maps it."""
+
+    def __init__(self) -> None:
+        self._flag = torch.zeros(1, dtype=torch.uint8).share_memory_()
+
+    def set(self) -> None:
+        self._flag[0] = 1
+
+    def is_set(self) -> bool:
+        return bool(self._flag[0])
+
+
 class _Stopped(Exception):
     """The loader closed (or its process died) while a worker waited for a free ring slot."""
 
@@ -266,7 +282,7 @@ class ShardLoader:
         buf = torch.empty((_RING_SLOTS, rows, res, res, 3), dtype=torch.uint8).share_memory_()
         self._slots = [buf[b].numpy() for b in range(_RING_SLOTS)]
         self._named, self._lent = collections.deque(range(_RING_SLOTS)), []
-        stop = ctx.Event()
+        stop = StopFlagShared()
         box: dict[str, Any] = {"workers": []}
 
         def start() -> None:

@@ -194,9 +194,20 @@ class RunLog:
         self.rank0 = dist.rank() == 0
         self.last: dict[str, float] = {}  # the newest value of every metric (for the summary)
         self.grid: Any = None  # the newest sample grid
+        # Earlier attempts of the run (crashed, requeued) may have logged steps past the checkpoint this one
+        # resumed from: they are recomputed exactly but not logged again, so that metrics.jsonl and MLflow
+        # hold one value per step. Every row says which attempt logged it.
+        self.logged_up_to, self.attempt = -1, 1
+        if self.rank0 and self.path.is_file():
+            rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip().startswith("{")]
+            self.logged_up_to = max((int(r.get("step", -1)) for r in rows), default=-1)
+            self.attempt = 1 + max((int(r.get("attempt", 1)) for r in rows), default=0)
 
     def _write(self, step: int, row: dict[str, float]) -> None:
         self.last.update(row)
+        if step <= self.logged_up_to:
+            return  # logged by an earlier attempt (the same value: the steps since its checkpoint are exact)
+        row = {**row, "attempt": float(self.attempt)}
         self.tracker.log_metrics(row, step=step)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **row}) + "\n")
@@ -221,7 +232,7 @@ class RunLog:
             return
         self._write(step, {"images_seen": float(images), **metrics})
         self.grid = grid or self.grid
-        if grid is not None:
+        if grid is not None and step > self.logged_up_to:
             with Image.open(grid) as im:
                 self.tracker.log_image(im.convert("RGB"), key="samples", step=step)
         print(f"eval at step {step} ({images} images): " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),

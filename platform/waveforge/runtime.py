@@ -15,17 +15,23 @@ initialise the process group).
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
-from datetime import timedelta
+import sys
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 
 import torch
 
 from waveforge import dist
+from waveforge.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -165,3 +171,90 @@ def platform_version() -> str:
     from waveforge import __version__
 
     return __version__
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send `sig` to this process when its parent dies (Linux prctl PR_SET_PDEATHSIG; a
+    no-op elsewhere). A trainer whose launcher (torchrun, submitit's local controller, a shell) is killed
+    then stops like on a preemption (SIGTERM: checkpoint at the next step, exit) instead of running on
+    unseen beside the next run of the same folder."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request: the signal would never come
+        os.kill(os.getpid(), sig)
+
+
+class RunLock:
+    """One trainer per run folder: rank 0 holds `<run>/.trainer.lock` (host, pid, Slurm job id, start) for the
+    life of a run. A second trainer of the same folder is refused (ConfigError naming the holder) while the
+    holder lives: on the same host its pid (and start time) still run; on another host its Slurm job is
+    still queued or running. A lock left by a killed trainer, or by an earlier attempt of this very Slurm
+    job (a requeue), is taken over."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".trainer.lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "job_id": os.environ.get("SLURM_JOB_ID", ""),
+              "started": time.time(), "since": datetime.now(UTC).isoformat(timespec="seconds")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                if holder is not None and self._alive(holder, me):
+                    job = f", Slurm job {holder['job_id']}" if holder.get("job_id") else ""
+                    raise ConfigError(f"run folder {self.path.parent} is in use by another trainer: pid "
+                                      f"{holder.get('pid')} on host {holder.get('host')}{job}, since "
+                                      f"{holder.get('since')}; wait for it to end, or use another run.dir "
+                                      f"(if it is gone for sure, delete {self.path})") from None
+                self.path.unlink(missing_ok=True)  # stale: its trainer is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise ConfigError(f"cannot take {self.path}: other trainers keep taking it")
+
+    def _read(self) -> dict | None:
+        for _ in range(3):
+            try:
+                return json.loads(self.path.read_text())
+            except FileNotFoundError:
+                return None
+            except ValueError:  # being written right now
+                time.sleep(0.2)
+        return {}  # unreadable: treated as stale
+
+    @staticmethod
+    def _alive(holder: dict, me: dict) -> bool:
+        if not holder:
+            return False
+        if holder.get("job_id") and holder["job_id"] == me["job_id"]:
+            return False  # an earlier attempt of this job (requeued): it is over
+        if holder.get("host") == me["host"]:
+            try:
+                import psutil
+
+                proc = psutil.Process(int(holder["pid"]))
+                return proc.create_time() <= float(holder.get("started", 0)) + 1.0  # not a reused pid
+            except Exception:  # noqa: BLE001 - no such process (or not ours to see): gone
+                return False
+        if holder.get("job_id") and shutil.which("squeue"):
+            r = subprocess.run(["squeue", "-h", "-j", str(holder["job_id"]), "-o", "%T"], capture_output=True,
+                               text=True, timeout=30)
+            return r.returncode == 0 and bool(r.stdout.strip())
+        return True  # another host, no Slurm job to ask about: cannot tell, so do not take it
+
+    def release(self) -> None:
+        if self.held:
+            holder = self._read()
+            if holder and holder.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self.held = False

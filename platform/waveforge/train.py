@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -162,10 +163,16 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: runtime.StopFlag) 
 
 def main(cfg: Recipe, stop: runtime.StopFlag | None = None) -> str:
     """Train `cfg` in this process (one rank): alone, under torchrun, srun or submitit. The stop flag replaces
-    submitit's USR2 handler (no requeue from inside a signal handler)."""
+    submitit's USR2 handler (no requeue from inside a signal handler); the launcher's death stops the run
+    like a preemption; one trainer at a time per run folder (`runtime.RunLock`, held by rank 0)."""
     device = runtime.init_distributed(cfg.dist.backend)
+    runtime.die_with_parent(signal.SIGTERM)
+    cfg = with_run_folder(cfg)
+    lock = runtime.RunLock(Path(cfg.run.dir))
+    dist.on_rank0(lock.acquire)  # a second trainer of the folder: ConfigError naming the holder, every rank
     stop = (stop or runtime.StopFlag()).install()
     try:
         return training_loop(cfg, device=device, stop=stop)
     finally:
         stop.uninstall()
+        lock.release()

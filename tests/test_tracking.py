@@ -225,6 +225,62 @@ def test_server_outage_buffers_and_delivers(mlflow_server_factory, tmp_path: Pat
     assert client.get_run(comes_back.run_id).info.status == "FINISHED"
     assert client.get_run(stays_down.run_id).info.status == "RUNNING"  # its end never arrived
 
+    # What run2 could not deliver arrives later (jobs/track_sync.py, or the run's next start), exactly once:
+    # twice is harmless (MLflow keeps one copy of an identical point).
+    config.save(cfg, tmp_path / "run2" / "recipe.yaml")
+    for _ in range(2):
+        (tmp_path / "run2" / "tracking-undelivered.jsonl").write_text("\n".join(lines) + "\n")
+        assert tracking.sync_undelivered(cfg, tmp_path / "run2") == 14
+        assert not (tmp_path / "run2" / "tracking-undelivered.jsonl").exists()
+    for key in ("a", "b"):
+        assert [m.step for m in client.get_metric_history(stays_down.run_id, key)] == list(range(7))
+    assert tracking.sync_undelivered(cfg, tmp_path / "run2") == 0
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_training_starts_while_the_server_is_down_and_delivers_when_it_is_back(mlflow_server_factory,  # noqa: ANN001
+                                                                               tmp_path: Path) -> None:
+    """The tracking server is down when a (requeued) job starts: training starts anyway, keeps its records,
+    connects when the server is back, and every logged step arrives once."""
+    import json
+    import os
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from waveforge import data
+
+    server = mlflow_server_factory()
+    server.stop()
+    shards = tmp_path / "shards"
+    data.make_shards("synthetic", str(shards), 32, num_samples=128, samples_per_shard=16, progress=False)
+    run = tmp_path / "run"
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(repo / "jobs/train.py"), "recipe=tiny", f"run.dir={run}",
+                             f"data.url={shards}", "train.max_steps=400", "train.log_every_images=160",
+                             "eval.every_images=0", "data.num_workers=0", f"tracking.uri={server.uri}"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        end = time.monotonic() + 300
+        while not (run / "metrics.jsonl").exists() and time.monotonic() < end:  # training started anyway
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        server.start()
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "does not answer" in out and "answers now" in out, out[-3000:]
+    run_id = json.loads((run / "tracking.json").read_text())["run_id"]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    history = MlflowClient(server.uri).get_metric_history(run_id, "d_loss")
+    assert sorted(m.step for m in history) == steps and len(steps) == 40
+    assert not (run / "tracking-undelivered.jsonl").exists()
+
 
 @pytest.mark.services
 @pytest.mark.slow

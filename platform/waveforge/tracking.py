@@ -51,6 +51,7 @@ MAX_BATCH_PARAMS = 100  # ... params per log_batch call
 QUEUE_RECORDS = 10_000  # records waiting for the background thread before log_* starts dropping
 MAX_PENDING_VALUES = 200_000  # metric values kept through an outage before the oldest are dropped
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+UNDELIVERED = "tracking-undelivered.jsonl"  # metrics a process could not deliver, sent by the next start
 # Errors that retrying cannot fix: the record is dropped (and counted) instead of retried forever.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE",
               "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED"}
@@ -158,10 +159,11 @@ _STOP = _Record(label="stop")
 class Tracker:
     """The rank-0 MLflow run of a training run. Create with `Tracker.open`."""
 
-    def __init__(self, client: Any, run_id: str, uri: str, run_dir: Path, tags: dict[str, str],
+    def __init__(self, client: Any, run_id: str | None, uri: str, run_dir: Path, tags: dict[str, str],
                  monitor: Any = None, continued: bool = False) -> None:
         self._client = client
-        self._run_id = run_id
+        self._run_id = run_id  # None until connected (see `start`)
+        self._opener: Callable[[], dict[str, Any]] | None = None  # connects a tracker started offline
         self.continued = continued  # an existing run continued (a resume or requeue), not a new one
         self.uri = uri
         self.run_dir = Path(run_dir)
@@ -179,6 +181,33 @@ class Tracker:
         self._thread.start()
         atexit.register(self._close_at_exit)  # a process that ends without close() still flushes and reports
 
+    def _adopt(self, parts: dict[str, Any]) -> None:
+        """Become the tracker of the run `_connect` opened; queue what earlier processes left undelivered."""
+        self._client, self._tags, self._monitor = parts["client"], parts["tags"], parts["monitor"]
+        self.continued = parts["continued"]
+        self._run_id = parts["run_id"]
+        self._requeue_undelivered()
+
+    def _requeue_undelivered(self) -> None:
+        """Metrics of this run (or of its offline start) that an earlier process saved as undelivered: sent
+        again with their own steps and timestamps (MLflow stores one copy of identical points), the file
+        removed once they are through."""
+        from mlflow.entities import Metric
+
+        path = self.run_dir / UNDELIVERED
+        if not path.is_file():
+            return
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        values = [Metric(key=r["key"], value=float(r["value"]), timestamp=int(r["timestamp"]), step=int(r["step"]))
+                  for r in rows if r.get("run_id") in (None, self._run_id)]
+        for i in range(0, len(values), MAX_BATCH_METRICS):
+            part = values[i:i + MAX_BATCH_METRICS]
+            self._take(_Record(label=f"{len(part)} earlier undelivered values", metrics=part))
+        # Removed once everything before it went through; if not, `close` appends what is still undelivered
+        # to the same file (points it already holds are harmless: MLflow keeps one copy of each).
+        self._take(_Record(label=f"removing {path.name}", call=lambda: path.unlink(missing_ok=True)))
+        log.info("tracking: sending %d metric values an earlier process could not deliver", len(values))
+
     def _close_at_exit(self) -> None:
         if not self._closed:
             log.warning("tracking: process exiting without Tracker.close(): ending run %s as KILLED", self._run_id)
@@ -194,10 +223,39 @@ class Tracker:
         """Create the MLflow run (run_id=None) or continue `run_id` (status back to RUNNING).
 
         Raises config.ConfigError if a continued run was started with other training fields, and
-        mlflow's MlflowException if the tracking server cannot be reached now.
+        mlflow's MlflowException if the tracking server cannot be reached now (see `start` for a tracker
+        that connects later instead). Metrics an earlier process of the run could not deliver
+        (<run_dir>/tracking-undelivered.jsonl) are sent again first (MLflow keeps one copy of each).
         system_metrics: also log this node's CPU/memory/disk/network (and GPU with pynvml) every 10 s as
         system/* metrics (needs psutil), with the host name as node id.
         """
+        tracker = cls(None, None, tracking_uri(cfg, run_dir), Path(run_dir), {})
+        tracker._adopt(cls._connect(cfg, run_dir, run_id, tags, system_metrics))
+        return tracker
+
+    @classmethod
+    def start(cls, cfg: config.Recipe, run_dir: Path, run_id: str | None, tags: dict[str, str],
+              system_metrics: bool = False) -> Tracker:
+        """`open`, except that a tracking server that does not answer now does not stop the caller: the
+        tracker keeps every record and connects in the background (retrying with backoff) when the server
+        answers; what is still undelivered at `close` is saved for the next start or `jobs/track_sync.py`.
+        A recipe that does not fit a continued run (ConfigError) is still raised at once."""
+        try:
+            return cls.open(cfg, run_dir, run_id, tags, system_metrics)
+        except config.ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the server (or store) does not answer: connect later
+            uri = tracking_uri(cfg, run_dir)
+            print(f"tracking: MLflow at {uri} does not answer ({type(e).__name__}: {str(e)[:160]}); training "
+                  "goes on, its records are kept and sent when it answers", flush=True)
+            tracker = cls(None, None, uri, Path(run_dir), {})
+            tracker._opener = lambda: cls._connect(cfg, run_dir, run_id, tags, system_metrics)
+            return tracker
+
+    @staticmethod
+    def _connect(cfg: config.Recipe, run_dir: Path, run_id: str | None, tags: dict[str, str],
+                 system_metrics: bool) -> dict[str, Any]:
+        """Create or continue the run in MLflow (synchronously); the pieces of a connected tracker."""
         uri = tracking_uri(cfg, run_dir)
         if uri.startswith(("http://", "https://")):
             # Fail over to our own retry loop quickly instead of MLflow's default 7 retries x 120 s.
@@ -259,10 +317,12 @@ class Tracker:
         if system_metrics:
             monitor = _start_system_metrics(run_id, uri, resume=continued)
         log.info("tracking: MLflow run %s at %s", run_id, uri)
-        return cls(client, run_id, uri, run_dir, {**stored_tags, **all_tags}, monitor, continued=continued)
+        return {"client": client, "run_id": run_id, "tags": {**stored_tags, **all_tags}, "monitor": monitor,
+                "continued": continued}
 
     @property
-    def run_id(self) -> str:
+    def run_id(self) -> str | None:
+        """The MLflow run's id (None while a tracker started offline has not connected yet)."""
         return self._run_id
 
     # ---------------------------------------------------------------------------------------------
@@ -290,9 +350,8 @@ class Tracker:
         """Queue an image (PIL, or HWC uint8 array) as step-indexed image `key` (MLflow's image slider)."""
         self._check_open()
         pil = _to_pil(image)
-        run_id = self._run_id
         self._put(_Record(label=f"image {key!r} at step {step}",
-                          call=lambda: self._client.log_image(run_id, pil, key=key, step=int(step),
+                          call=lambda: self._client.log_image(self._run_id, pil, key=key, step=int(step),
                                                               synchronous=True)))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
@@ -301,11 +360,10 @@ class Tracker:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"log_artifact: {path} does not exist")
-        run_id = self._run_id
         if path.is_dir():
-            call = lambda: self._client.log_artifacts(run_id, str(path), artifact_path)  # noqa: E731
+            call = lambda: self._client.log_artifacts(self._run_id, str(path), artifact_path)  # noqa: E731
         else:
-            call = lambda: self._client.log_artifact(run_id, str(path), artifact_path)  # noqa: E731
+            call = lambda: self._client.log_artifact(self._run_id, str(path), artifact_path)  # noqa: E731
         self._put(_Record(label=f"artifact {path}", call=call))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -319,21 +377,22 @@ class Tracker:
             tags["slurm_job_ids"] = _merge_job_ids(self._tags.get("slurm_job_ids", ""), new_ids)
             tags["slurm_job_id"] = new_ids[-1]
         self._tags.update(tags)
-        run_id = self._run_id
         from mlflow.entities import RunTag
 
         batch = [RunTag(k, v) for k, v in tags.items()]
         self._put(_Record(label=f"tags {sorted(tags)}",
-                          call=lambda: self._client.log_batch(run_id, tags=batch, synchronous=True)))
+                          call=lambda: self._client.log_batch(self._run_id, tags=batch, synchronous=True)))
 
-    def close(self, status: str = "FINISHED", error: str | None = None, timeout: float = 60.0) -> int:
-        """End the run with `status` (FAILED: `error` becomes the run's tag `error` and its note).
+    def close(self, status: str | None = "FINISHED", error: str | None = None, timeout: float = 60.0) -> int:
+        """End the run with `status` (FAILED: `error` becomes the run's tag `error` and its note; None: leave
+        the run's status as it is, e.g. when only delivering what an earlier process could not).
 
         Waits up to `timeout` s for everything queued to reach MLflow. Returns the number of metric
         values that were NOT delivered (0 normally); a non-zero count is also logged as an error and
-        those values are appended to <run_dir>/tracking-undelivered.jsonl.
+        those values are appended to <run_dir>/tracking-undelivered.jsonl (sent again by the next start
+        of the run, or by `python jobs/track_sync.py run=<run_dir>`).
         """
-        if status not in STATUSES:
+        if status is not None and status not in STATUSES:
             raise ValueError(f"close: status must be one of {', '.join(STATUSES)}, got {status!r}")
         if self._closed:
             return 0
@@ -342,12 +401,12 @@ class Tracker:
                 self._monitor.finish()
             except Exception as e:  # system metrics are best effort
                 log.warning("tracking: stopping the system metrics monitor failed: %s", e)
-        run_id = self._run_id
         if error:
             tags = {"error": _tag_value(error), "mlflow.note.content": _tag_value(f"{status}: {error}")}
             self.set_tags(tags)
-        self._put(_Record(label=f"run status {status}",
-                          call=lambda: self._client.set_terminated(run_id, status=status)))
+        if status is not None:
+            self._put(_Record(label=f"run status {status}",
+                              call=lambda: self._client.set_terminated(self._run_id, status=status)))
         self._closed = True
         self._closing.set()
         atexit.unregister(self._close_at_exit)
@@ -371,15 +430,17 @@ class Tracker:
             lost_values = self._dropped_values + sum(len(r.metrics) for r in left if r.metrics)
             lost_other = self._dropped_other + [r.label for r in left if r.metrics is None]
         undelivered = [m for r in left if r.metrics for m in r.metrics]
+        run_id = self._run_id  # None: the server never answered; the values go to whichever run is opened next
         if undelivered:
-            with open(self.run_dir / "tracking-undelivered.jsonl", "a") as f:
+            with open(self.run_dir / UNDELIVERED, "a") as f:
                 for m in undelivered:
                     f.write(json.dumps({"run_id": run_id, "key": m.key, "value": m.value, "step": m.step,
                                         "timestamp": m.timestamp}) + "\n")
         if lost_values or lost_other:
             log.error("tracking: %d metric value(s) and %d other record(s) were NOT delivered to MLflow at %s "
                       "(run %s)%s%s", lost_values, len(lost_other), self.uri, run_id,
-                      f"; undelivered metrics saved to {self.run_dir / 'tracking-undelivered.jsonl'}"
+                      f"; undelivered metrics saved to {self.run_dir / UNDELIVERED} (sent by the next start "
+                      f"or python jobs/track_sync.py run={self.run_dir})"
                       if undelivered else "", f"; lost: {', '.join(lost_other[:10])}" if lost_other else "")
         else:
             log.info("tracking: run %s closed (%s), all records delivered", run_id, status)
@@ -473,8 +534,15 @@ class Tracker:
             if time.monotonic() < next_try:
                 continue
             try:
+                if self._run_id is None and self._opener is not None:  # started while the server was down
+                    self._adopt(self._opener())
+                    log.warning("tracking: connected to MLflow at %s, run %s; sending the buffered records",
+                                self.uri, self._run_id)
+                    print(f"tracking: MLflow at {self.uri} answers now: run {self._run_id}, buffered records "
+                          "follow", flush=True)
+                    outage = True  # so that the delivery below is reported
                 delivered = 0
-                while self._send_one():
+                while self._run_id is not None and self._send_one():
                     delivered += 1
                 if outage:
                     log.warning("tracking: MLflow at %s reachable again; buffered records delivered", self.uri)
@@ -541,8 +609,8 @@ class NullTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
-    def close(self, status: str = "FINISHED", error: str | None = None, timeout: float = 60.0) -> int:
-        if status not in STATUSES:
+    def close(self, status: str | None = "FINISHED", error: str | None = None, timeout: float = 60.0) -> int:
+        if status is not None and status not in STATUSES:
             raise ValueError(f"close: status must be one of {', '.join(STATUSES)}, got {status!r}")
         if self._monitor is not None:
             monitor, self._monitor = self._monitor, None
@@ -555,10 +623,11 @@ class NullTracker:
 
 def open_tracker(cfg: config.Recipe, run_dir: Path, run_id: str | None, tags: dict[str, str], rank: int,
                  system_metrics: bool = False) -> Tracker | NullTracker:
-    """Rank 0 with tracking enabled: `Tracker.open(...)`; otherwise a `NullTracker`."""
+    """Rank 0 with tracking enabled: `Tracker.start(...)` (a server that does not answer is connected to
+    later, never stopping the caller); otherwise a `NullTracker`."""
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
-    return Tracker.open(cfg, run_dir, run_id, tags, system_metrics=system_metrics)
+    return Tracker.start(cfg, run_dir, run_id, tags, system_metrics=system_metrics)
 
 
 def start_node_monitor(cfg: config.Recipe, run_dir: Path, run_id: str | None) -> Any:
@@ -571,3 +640,30 @@ def start_node_monitor(cfg: config.Recipe, run_dir: Path, run_id: str | None) ->
     except Exception as e:  # noqa: BLE001 - system metrics are optional: never stop training for them
         log.warning("tracking: system metrics of this node could not start: %s", e)
         return None
+
+
+def sync_undelivered(cfg: config.Recipe, run_dir: str | Path) -> int:
+    """Send <run_dir>/tracking-undelivered.jsonl to the run's MLflow run (from tracking.json; the run's saved
+    recipe creates it when the server never answered), leaving the run's status as it is. Returns the
+    number of values sent; raises (ConfigError: exit 2) when they could not all be delivered."""
+    run = Path(run_dir)
+    path = run / UNDELIVERED
+    if not path.is_file():
+        return 0
+    n = sum(1 for line in path.read_text().splitlines() if line.strip())
+    recipe = run / "recipe.yaml"
+    saved = config.load_saved(recipe) if recipe.is_file() else cfg
+    if cfg.tracking.uri:
+        saved.tracking.uri = cfg.tracking.uri
+    saved.tracking.enabled = True
+    try:
+        tracker = Tracker.open(saved, run, read_run_id(run), {})
+    except config.ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line for the user
+        raise config.ConfigError(f"tracking at {tracking_uri(saved, run)} does not answer: {e}") from None
+    lost = tracker.close(None)
+    if lost:
+        raise config.ConfigError(f"{lost} of {n} values could not be delivered to {tracker.uri}; they are kept in "
+                                 f"{path}: try again when the server answers")
+    return n

@@ -55,16 +55,10 @@ def open_tracking(cfg: Recipe, run_dir: Path, run_id: str | None, device: torch.
         opened.append(tracker)
         return tracker.run_id
 
-    try:
-        shared_id = dist.on_rank0(start)
-    except config.ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the same error on every rank
-        raise RuntimeError(f"tracking could not start ({tracking.tracking_uri(cfg, run_dir)}): "
-                           f"{type(e).__name__}: {e}") from e
+    shared_id = dist.on_rank0(start)  # a server that does not answer is connected to later: never an error here
     if dist.rank() == 0:
         tracker = opened[0]
-        if isinstance(tracker, tracking.Tracker):
+        if isinstance(tracker, tracking.Tracker) and tracker.run_id is not None:
             print(f"tracking: {'continuing' if tracker.continued else 'new'} MLflow run {tracker.run_id} "
                   f"({tracker.uri})", flush=True)
         if not tracker.continued:

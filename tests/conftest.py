@@ -11,6 +11,8 @@ Fixtures (tests that use them are marked `@pytest.mark.services`):
   slurm_two_nodes  (function) the same with two fake nodes n1, n2
   run_python       (function) run_python(code, env=None, timeout=120) -> CompletedProcess (checked)
   chromium         (session) path of the Chromium binary (for headless UI checks)
+  chromium_page    (function) a fresh headless Chromium driven by Playwright (UI checks that wait for elements):
+                   .page (a 1400x900 Playwright Page), .errors (its console errors and failed requests so far)
   export_dir       (function) an exported tiny generator (generator_ema.safetensors + model_config.json) with
                    perturbed weights, so that its samples depend on their seeds
 
@@ -19,8 +21,8 @@ never collide with services a developer runs, and stops them (by PID, through in
 Slurm has ONE session cluster: the two Slurm fixtures restart it in the layout they need (~1.5 s) when
 the previous test used the other layout, so they cannot be used by the same test.
 
-A missing binary (weed, mlflow, slurmctld/munged, chromium) skips the test with the reason, unless the environment
-variable WAVEFORGE_REQUIRE_SERVICES is set (CI sets it): then the test fails.
+A missing binary (weed, mlflow, slurmctld/munged, chromium) or package (playwright) skips the test with the reason,
+unless the environment variable WAVEFORGE_REQUIRE_SERVICES is set (CI sets it): then the test fails.
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -119,6 +124,42 @@ def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     _need(path is not None, "chromium not installed (bash infra/system_packages.sh)")
     return str(path)
+
+
+# Debian's Chromium, driven offline: no sandbox (containers, root), no GPU, and none of its own network traffic.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@dataclass
+class ChromiumPage:
+    page: Page
+    errors: list[str]  # console errors, failed requests and HTTP errors seen so far, for failure messages
+
+
+@pytest.fixture
+def chromium_page(chromium: str) -> Iterator[ChromiumPage]:
+    """A fresh headless Chromium (own temporary profile) driven by Playwright, closed after the test.
+
+    Playwright drives the system Chromium through `executable_path`: never `playwright install` (it downloads
+    browsers)."""
+    _need(importlib.util.find_spec("playwright") is not None,
+          "the playwright package is missing (pip install -e '.[dev]': bash infra/setup.sh --dev)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(f"console error: {m.text}")  # HTTP errors come below, with URL
+                    if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
+            page.on("requestfailed", lambda r: errors.append(f"request failed: {r.method} {r.url} ({r.failure})"))
+            page.on("response", lambda r: errors.append(f"HTTP {r.status}: {r.request.method} {r.url}")
+                    if r.status >= 400 else None)
+            yield ChromiumPage(page, errors)
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="session")

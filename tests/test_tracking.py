@@ -3,14 +3,21 @@ SeaweedFS artifacts), resume rules, asynchronous logging through a server outage
 
 from __future__ import annotations
 
+import io
 import logging
-import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import quote
 
 import numpy as np
 import pytest
 
 from waveforge import config, tracking
+
+if TYPE_CHECKING:
+    from conftest import ChromiumPage, MlflowServer
 
 
 def _cfg(name: str = "trk", **overrides) -> config.Recipe:
@@ -282,32 +289,232 @@ def test_training_starts_while_the_server_is_down_and_delivers_when_it_is_back(m
     assert not (run / "tracking-undelivered.jsonl").exists()
 
 
-@pytest.mark.services
-@pytest.mark.slow
-def test_mlflow_ui_run_page_in_headless_chromium(mlflow_server, chromium: str, tmp_path: Path) -> None:
+# --------------------------------------------------------------------------------------------------
+# The MLflow UI in a real browser: what a person opening the run's page sees
+# --------------------------------------------------------------------------------------------------
+
+UI_WAIT_S = 30.0  # the longest the UI may take to show one thing (1-5 s on 2 busy cores)
+UI_MODE = "?workflowType=machine_learning"  # MLflow 3 opens runs in its GenAI view without it
+UI_CARD = '[data-testid="experiment-view-compare-runs-card"]'  # one chart of the Model metrics tab
+UI_SPINNER = '[class*="-spin-spinning"]'  # MLflow's loading spinner (du-bois-*-spin-spinning)
+# A sample grid a pixel check recognises: 2 rows x 3 columns of 32 px tiles in six distinct colours.
+TILES = [[(230, 25, 25), (25, 200, 25), (25, 25, 230)], [(240, 220, 20), (220, 30, 220), (20, 210, 220)]]
+TILE_PX = 32
+TILE_TOLERANCE = 40  # per channel: the chart card shows MLflow's lossy WebP copy, scaled
+
+# Probes run in the page; each returns what it sees, for `_ui_wait`'s readiness test and failure message.
+_CHART_TITLES_JS = f"""() => [...document.querySelectorAll('{UI_CARD}')].map(
+    c => {{ const h = c.querySelector('h4'); return h ? h.getAttribute('title') : null; }})"""
+_RUN_PAGE_JS = f"""(texts) => {{
+  const main = document.querySelector('main');
+  if (!main) return {{main: false, body: document.body.innerText.slice(0, 300)}};
+  const q = s => document.querySelector(s);
+  return {{main: true,
+    run_name: q('[data-testid="runs-header"]') ? q('[data-testid="runs-header"]').innerText : null,
+    view: q('[data-testid="experiment-observatory-link-runs"]')
+      ? q('[data-testid="experiment-observatory-link-runs"]').innerText : null,
+    missing: texts.filter(t => !main.innerText.includes(t)), text: main.innerText.slice(0, 300),
+    spinners: main.querySelectorAll('{UI_SPINNER}').length}};
+}}"""
+_METRIC_CHART_JS = f"""(title) => {{
+  const titles = ({_CHART_TITLES_JS})();
+  const card = [...document.querySelectorAll('{UI_CARD}')][titles.indexOf(title)];
+  if (!card) return {{charts: titles}};
+  const svg = card.querySelector('.js-plotly-plot svg.main-svg');
+  const box = svg ? svg.getBoundingClientRect() : null;
+  const traces = [...card.querySelectorAll('.js-plotly-plot g.trace path.js-line')].map(  // d="Mx,yLx,y..."
+    p => [...(p.getAttribute('d') || '').matchAll(/[ML]([-\\d.e]+),([-\\d.e]+)/g)].map(m => [+m[1], +m[2]]));
+  return {{charts: titles, spinners: card.querySelectorAll('{UI_SPINNER}').length,
+    plot: box ? [box.width, box.height] : null, vertices: traces.reduce((a, b) => b.length > a.length ? b : a, [])}};
+}}"""
+# Images inside the chart card titled `title` (or, with title null, in the page's main area) whose src
+# contains `src` and whose natural size is `natural` (either may be null); "visible": at least 16 px a side,
+# its centre inside that card or area and not covered (clipped by overflow, or under another element).
+_IMAGE_JS = f"""([title, src, natural]) => {{
+  let root = document.querySelector('main'), charts = null;
+  if (title !== null) {{
+    charts = ({_CHART_TITLES_JS})();
+    root = [...document.querySelectorAll('{UI_CARD}')][charts.indexOf(title)];
+    if (!root) return {{charts}};
+  }}
+  if (!root) return {{main: false}};
+  const area = root.getBoundingClientRect();
+  const images = [...root.querySelectorAll('img')].filter(
+    i => (src === null || (i.getAttribute('src') || '').includes(src))
+      && (natural === null || (i.naturalWidth === natural[0] && i.naturalHeight === natural[1]))).map(i => {{
+    const b = i.getBoundingClientRect(), x = b.x + b.width / 2, y = b.y + b.height / 2;
+    return {{loaded: i.complete && i.naturalWidth > 0, natural: [i.naturalWidth, i.naturalHeight],
+      box: [b.x, b.y, b.width, b.height], visible: b.width >= 16 && b.height >= 16 && y >= area.top
+        && y <= area.bottom && x >= area.left && x <= area.right && document.elementFromPoint(x, y) === i}};
+  }});
+  return {{charts, spinners: root.querySelectorAll('{UI_SPINNER}').length, images}};
+}}"""
+
+
+def _tile_grid() -> np.ndarray:
+    grid = np.zeros((2 * TILE_PX, 3 * TILE_PX, 3), np.uint8)
+    for r, row in enumerate(TILES):
+        for c, rgb in enumerate(row):
+            grid[r * TILE_PX:(r + 1) * TILE_PX, c * TILE_PX:(c + 1) * TILE_PX] = rgb
+    return grid
+
+
+def _ui_fail(ui: ChromiumPage, what: str, shot: Path, detail: str) -> NoReturn:
+    ui.page.screenshot(path=str(shot))
+    errors = "\n    ".join([e for e in ui.errors if "/users/current" not in e][-12:]) or "none"  # that 404 is normal
+    pytest.fail(f"MLflow UI: {what}\n  page: {ui.page.url}\n  {detail}\n  screenshot: {shot}\n"
+                f"  browser errors so far:\n    {errors}", pytrace=False)
+
+
+def _ui_wait(ui: ChromiumPage, what: str, probe: str, arg: Any, ready: Callable[[dict[str, Any]], bool],
+             shot: Path) -> dict[str, Any]:
+    """Poll `probe` (JS, called with `arg`) until `ready(state)`; after UI_WAIT_S fail, saying what was seen."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    deadline = time.monotonic() + UI_WAIT_S
+    while True:
+        try:
+            state = ui.page.evaluate(probe, arg)
+        except PlaywrightError as e:  # e.g. the page navigating while the probe ran: look again
+            state = {"error": str(e).splitlines()[0]}
+        if "error" not in state and ready(state):
+            return state
+        if time.monotonic() > deadline:
+            _ui_fail(ui, f"{what}: not shown within {UI_WAIT_S:.0f} s", shot, f"last seen: {state}")
+        ui.page.wait_for_timeout(200)
+
+
+def _ui_step(ui: ChromiumPage, what: str, shot: Path, action: Callable[[], None]) -> None:
+    """Run a Playwright action (it waits for its elements); a failure names the step and keeps a screenshot."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    try:
+        action()
+    except PlaywrightError as e:
+        _ui_fail(ui, f"could not {what}", shot, str(e).splitlines()[0])
+
+
+def _shown_image(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The first image of an _IMAGE_JS state that is loaded and visible."""
+    return next((i for i in state.get("images") or [] if i["loaded"] and i["visible"]), None)
+
+
+def _wait_shown_image(ui: ChromiumPage, what: str, arg: list[Any], shot: Path) -> dict[str, Any]:
+    """Wait until _IMAGE_JS(arg) sees no spinner and a loaded, visible image; return that image."""
+    state = _ui_wait(ui, what, _IMAGE_JS, arg, lambda s: s.get("main", True) and "spinners" in s
+                     and not s["spinners"] and _shown_image(s) is not None, shot)
+    shown = _shown_image(state)
+    assert shown is not None
+    return shown
+
+
+def _check_tiles(ui: ChromiumPage, what: str, box: list[float], shot: Path) -> None:
+    """The screen pixels of `box` show the TILES grid: each tile's centre area has its colour."""
+    from PIL import Image
+
+    png = ui.page.screenshot(path=str(shot), clip={"x": box[0], "y": box[1], "width": box[2], "height": box[3]})
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64)
+    h, w = pixels.shape[:2]
+    wrong = []
+    for r, row in enumerate(TILES):
+        for c, want in enumerate(row):
+            patch = pixels[int((r + 0.3) * h / 2):int((r + 0.7) * h / 2), int((c + 0.3) * w / 3):int((c + 0.7) * w / 3)]
+            got = patch.reshape(-1, 3).mean(0)
+            if np.abs(got - want).max() > TILE_TOLERANCE:
+                wrong.append(f"tile ({r},{c}) shows RGB {tuple(int(v) for v in got)}, logged {want}")
+    if wrong:
+        _ui_fail(ui, f"{what} does not show the logged sample grid", shot, "; ".join(wrong))
+    print(f"MLflow UI screenshot ({what}, its pixels): {shot}")
+
+
+def check_mlflow_run_page(ui: ChromiumPage, uri: str, run_id: str, metric: str, values: list[float],
+                          image_key: str, image_step: int, shots: Path) -> None:
+    """What a person sees on the run's page in MLflow's training view, waiting (up to UI_WAIT_S each) for:
+
+    1. Overview: the run's name, "Finished", the metric's name, no spinner, and the training view (the
+       breadcrumb says "Runs"; the GenAI view says "Evaluations").
+    2. Model metrics tab: the chart card titled `metric` without spinner, its plot drawn (non-zero size) with
+       one trace vertex per logged value, left to right, each vertex above the previous one where the value
+       rose and below it where the value fell.
+    3. The same tab: the image card titled `image_key` without spinner, its image of step `image_step`
+       loaded. MLflow 3.17 prints every run param above that image, and a waveforge run's ~130 params (the
+       whole recipe) push it out of the card, also in the card's full-screen view: the check turns the card's
+       "Show run parameters" off (Configure), as a person has to, then the image must be visible and its
+       pixels must show the TILES grid.
+    4. Artifacts tab, on the image's PNG: displayed, at its logged size, visible, pixels the TILES grid.
+    Screenshots of each (paths printed) land in `shots`."""
     from mlflow.tracking import MlflowClient
 
+    page = ui.page
+    page.set_default_timeout(UI_WAIT_S * 1000)
+    run = MlflowClient(uri).get_run(run_id)
+    run_url = f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+    shot = shots / "mlflow-run-overview.png"
+    page.goto(run_url + UI_MODE)
+    _ui_wait(ui, f"run page of {run.info.run_name!r} in the training view", _RUN_PAGE_JS, ["Finished", metric],
+             lambda s: (s["main"] and s["run_name"] == run.info.run_name and s["view"] == "Runs" and not s["spinners"]
+                        and not s["missing"]), shot)
+    page.screenshot(path=str(shot))
+    print(f"MLflow UI screenshot (run overview): {shot}")
+
+    shot = shots / "mlflow-run-metrics.png"
+    page.goto(f"{run_url}/model-metrics{UI_MODE}")
+    chart = _ui_wait(ui, f"chart of metric {metric!r} (drawn, no spinner)", _METRIC_CHART_JS, metric,
+                     lambda s: ("spinners" in s and not s["spinners"] and s["plot"] is not None
+                                and min(s["plot"]) > 0 and len(s["vertices"]) >= len(values)), shot)
+    xs, ys = zip(*chart["vertices"])
+    if len(xs) != len(values) or any(b <= a for a, b in zip(xs, xs[1:])) or any(
+            (yb < ya) != (vb > va) for ya, yb, va, vb in zip(ys, ys[1:], values, values[1:]) if va != vb):
+        _ui_fail(ui, f"the chart of {metric!r} does not draw the logged values", shot,
+                 f"trace vertices (px) {chart['vertices']} for values {values}")
+
+    src = quote(f"{image_key}+step+{image_step}+", safe="")  # get-artifact?path=images%2F<key>%2Bstep%2B<step>...
+    _ui_wait(ui, f"image card {image_key!r} with its step-{image_step} image loaded (no spinner)", _IMAGE_JS,
+             [image_key, src, None], lambda s: ("spinners" in s and not s["spinners"]
+                                                 and any(i["loaded"] for i in s["images"])), shot)
+
+    def hide_run_params() -> None:
+        card = page.locator(UI_CARD, has=page.locator(f'h4[title="{image_key}"]'))
+        card.get_by_test_id("experiment-view-compare-runs-card-menu").click()
+        page.get_by_role("menuitem", name="Configure").click()
+        switch = page.get_by_role("switch", name="Show run parameters")
+        if switch.get_attribute("aria-checked") == "true":
+            switch.click()
+        page.get_by_role("button", name="Save changes").click()
+
+    _ui_step(ui, f"turn 'Show run parameters' off in the {image_key!r} card's Configure dialog", shot, hide_run_params)
+    shown = _wait_shown_image(ui, f"image card {image_key!r} showing its step-{image_step} image",
+                              [image_key, src, None], shot)
+    page.screenshot(path=str(shot))
+    print(f"MLflow UI screenshot (model metrics): {shot}")
+    _check_tiles(ui, f"image card {image_key!r}", shown["box"], shots / "mlflow-run-samples-card.png")
+
+    artifacts = [a.path for a in MlflowClient(uri).list_artifacts(run_id, "images")]
+    png = next((a for a in artifacts if a.startswith(f"images/{image_key}+step+{image_step}+") and a.endswith(".png")),
+               None)
+    assert png is not None, f"no PNG of {image_key!r} at step {image_step} among the run's artifacts {artifacts}"
+    shot = shots / "mlflow-run-artifact.png"
+    page.goto(f"{run_url}/artifacts/{png}{UI_MODE}")
+    shown = _wait_shown_image(ui, f"artifact view of {png} (the image at its logged size)",
+                              [None, None, [3 * TILE_PX, 2 * TILE_PX]], shot)
+    page.screenshot(path=str(shot))
+    print(f"MLflow UI screenshot (artifact view): {shot}")
+    _check_tiles(ui, "artifact view", shown["box"], shots / "mlflow-run-artifact-image.png")
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_mlflow_ui_run_page_in_headless_chromium(mlflow_server: MlflowServer, chromium_page: ChromiumPage,
+                                                  tmp_path: Path) -> None:
+    """A run logged through Tracker shows, in MLflow's UI (a real browser waiting for the page), its loss chart
+    drawn from the logged points and its sample grid's pixels (check_mlflow_run_page)."""
     cfg = _cfg("ui-visible-run", **{"tracking.uri": mlflow_server.uri, "tracking.experiment": "trk-ui"})
     t = tracking.Tracker.open(cfg, tmp_path / "run", None, {})
-    for s in range(5):
-        t.log_metrics({"loss_generator": 1.0 / (s + 1)}, step=s)
+    losses = [1.0, 0.55, 0.7, 0.3, 0.2]  # not monotonic: the chart must follow the values, not just a slope
+    for s, v in enumerate(losses):
+        t.log_metrics({"loss_generator": v}, step=s)
+    t.log_image(_tile_grid(), key="samples", step=len(losses) - 1)
     assert t.close("FINISHED") == 0
-    exp_id = MlflowClient(mlflow_server.uri).get_run(t.run_id).info.experiment_id
-    page = f"{mlflow_server.uri}/#/experiments/{exp_id}/runs/{t.run_id}"
-    mode = "?workflowType=machine_learning"  # the classic "Model training" UI (it opens in GenAI mode)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--window-size=1400,900", "--virtual-time-budget=10000"]
-
-    def chrome(profile: str, *args: str) -> str:
-        return subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path / profile}", *args],
-                              capture_output=True, text=True, timeout=120, check=True).stdout
-
-    shots = {"overview": (tmp_path / "mlflow-run-page.png", page + mode),
-             "chart": (tmp_path / "mlflow-run-metrics.png", page + "/model-metrics" + mode)}
-    for name, (shot, url) in shots.items():
-        chrome(f"chrome-{name}", f"--screenshot={shot}", url)
-        print(f"MLflow UI screenshot ({name}): {shot}")
-        assert shot.stat().st_size > 10_000
-    dom = chrome("chrome-dom", "--dump-dom", page + mode)
-    assert "ui-visible-run" in dom and "loss_generator" in dom and "Finished" in dom
+    check_mlflow_run_page(chromium_page, mlflow_server.uri, t.run_id, "loss_generator", losses, "samples",
+                          len(losses) - 1, tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -253,7 +254,6 @@ def test_training_starts_while_the_server_is_down_and_delivers_when_it_is_back(m
     import json
     import os
     import sys
-    import time
 
     from mlflow.tracking import MlflowClient
 

@@ -111,3 +111,23 @@ def test_steps_recomputed_after_a_crash_are_not_logged_twice(shards: str, tmp_pa
     rows = _rows(run)
     assert [x["step"] for x in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert [x["attempt"] for x in rows] == [1, 1, 1, 1, 1, 1, 2, 2]
+
+
+@pytest.mark.slow
+def test_resume_mistakes_are_one_line(shards: str, tmp_path: Path) -> None:
+    """A resume= that is not there, a file, a checkpoint of another width or another family: exit 2, one
+    line, the recipe compared before any weight is loaded."""
+    ckpt_run = tmp_path / "done"
+    r = subprocess.run(_args(ckpt_run, shards, 1), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (tmp_path / "a-file").write_text("not a checkpoint")
+    cases = ((f"resume={tmp_path / 'nothing'}", "no complete checkpoint"),
+             (f"resume={tmp_path / 'a-file'}", "no complete checkpoint"),
+             (f"resume={ckpt_run}", "model.nf: 16 -> 8", "model.nf=8"),
+             (f"resume={ckpt_run}", "model.family: 'wavediff' -> 'edm'", "model.family=edm"))
+    for resume, message, *extra in cases:
+        r = subprocess.run(_args(tmp_path / "new", shards, 2, resume, *extra), env=ENV, capture_output=True,
+                           text=True, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (resume, extra, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr

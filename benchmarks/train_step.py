@@ -35,13 +35,13 @@ import copy  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import types  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from reference_code import no_extension_build  # noqa: E402
 
 from waveforge import cli  # noqa: E402
 from waveforge.config import Recipe  # noqa: E402
@@ -116,26 +116,13 @@ def reference_args(cfg: Recipe) -> argparse.Namespace:
         no_use_fbn=not m.freq_bottleneck, no_use_freq=not m.wavelet_updown, no_use_residual=not m.input_pyramid)
 
 
-@contextlib.contextmanager
-def _no_extension_build():
-    """Stub torch.utils.cpp_extension.load while the reference imports its CUDA ops (no nvcc/GPU here)."""
-    import torch.utils.cpp_extension as ext
-
-    original = ext.load
-    ext.load = lambda *args, **kwargs: types.SimpleNamespace()
-    try:
-        yield
-    finally:
-        ext.load = original
-
-
 def reference(path: str, cfg: Recipe, x0: torch.Tensor, seed: int, autocast: Amp
               ) -> tuple[Callable[[], None], Callable[[], None], int, int]:
     root = Path(path).expanduser().resolve()
     if not (root / "score_sde" / "models" / "ncsnpp_generator_adagn.py").is_file():
         cli.fail(f"reference={path}: not a WaveDiff checkout (no score_sde/models/ncsnpp_generator_adagn.py)")
     sys.path.insert(0, str(root))
-    with _no_extension_build() if x0.device.type == "cpu" else contextlib.nullcontext():
+    with no_extension_build() if x0.device.type == "cpu" else contextlib.nullcontext():
         import score_sde.op  # noqa: F401
     from diffusion import (
         Diffusion_Coefficients,

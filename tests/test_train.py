@@ -51,6 +51,15 @@ def final_weights(run_dir: Path, engine: str) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=engine)
 
 
+def test_adam_is_fused_on_a_gpu_and_torchs_default_on_the_cpu() -> None:
+    common = dict(zero_stage=2, precision="bf16", lr=1e-4, betas=(0.5, 0.9), micro_batch=2, grad_accum=1, world=1,
+                  grad_clip=0.0, params=1000)
+    gpu = steps.ds_config(**common, device=torch.device("cuda", 0))["optimizer"]["params"]
+    cpu = steps.ds_config(**common, device=torch.device("cpu"))["optimizer"]["params"]
+    assert gpu["torch_adam"] and gpu["fused"] is True  # torch's fused Adam: no DeepSpeed op to compile
+    assert cpu["torch_adam"] and "fused" not in cpu and "foreach" not in cpu
+
+
 @pytest.mark.slow
 def test_zero_reduction_bucket_is_sized_to_the_model() -> None:
     # DeepSpeed's default bucket (5e8 elements) would hold ~1 GiB of GPU memory per engine for models of
@@ -238,3 +247,45 @@ def test_a_stop_mid_interval_leaves_the_curves_of_an_uninterrupted_run(shards: s
         assert ra.keys() == rb.keys()
         for k in (*LOSSES, "d_loss_real", "g_loss_rec", "images_seen"):
             assert rb.get(k) == pytest.approx(ra.get(k), rel=1e-12, abs=0), (ra["step"], k)
+
+
+@pytest.mark.slow
+def test_a_training_step_never_waits_for_the_device(shards: str, run_python) -> None:  # noqa: ANN001
+    """The platform's own code in a training step (GanStep on DeepSpeed engines, the meter, the EMA) turns no
+    tensor into a Python number: nothing in it would wait for a GPU. (On a GPU, benchmarks/gpu_check.sh
+    runs steps under torch.cuda.set_sync_debug_mode("error").) Counted on the CPU by intercepting every
+    tensor -> Python conversion whose caller is a waveforge module."""
+    out = run_python(f"""
+        import inspect, torch
+        from waveforge import config, data, diffusion, runtime, steps
+        from waveforge.meters import IntervalMeter, PhaseTimer
+        device = runtime.init_distributed("gloo")
+        cfg = config.load("tiny", ["data.url={shards}", "train.lazy_reg=2", "dist.precision=fp32"])
+        model = steps.make_step(cfg, device)
+        engines = steps.build_engines(model.networks(), cfg=cfg, world=1, grad_accum=1, patch={{}})
+        model.attach(engines)
+        loader = data.ShardLoader("{shards}", global_batch=16, rank=0, world=1, seed=0)
+        batches = [data.normalize(loader.next_step()[0]["image"]) for _ in range(3)]
+        timer = PhaseTimer(device)
+        meter = IntervalMeter(device, timer)
+        ema_net = __import__("copy").deepcopy(model.generator).requires_grad_(False)
+        syncs = []
+        def spy(name):
+            original = getattr(torch.Tensor, name)
+            def wrapped(self, *a, **k):
+                caller = inspect.stack()[1].filename
+                if "/waveforge/" in caller:
+                    syncs.append(f"{{name}} in {{caller}}:{{inspect.stack()[1].lineno}}")
+                return original(self, *a, **k)
+            setattr(torch.Tensor, name, wrapped)
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+            spy(name)
+        for step, x in enumerate(batches):  # step 0 and 2 compute R1 (lazy_reg 2)
+            meter.add(model.step([x], step, timer), images=16)
+            diffusion.ema_update(ema_net, model.generator, 0.99)
+        print("SYNCS", len(syncs), syncs[:5])
+        loader.close()
+        runtime.shutdown()
+    """, env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}, timeout=300)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("SYNCS"))
+    assert line.startswith("SYNCS 0 "), line

@@ -73,19 +73,27 @@ class Net:
     zero_stage: int
 
 
+def adam_params(device: torch.device) -> dict[str, Any]:
+    """How Adam runs on `device`: torch's own implementation (DeepSpeed's `torch_adam`: no op to compile),
+    on a GPU fused into one kernel per parameter group and step (`fused=True`), on the CPU torch's default."""
+    return {"torch_adam": True, **({"fused": True} if device.type == "cuda" else {})}
+
+
 def ds_config(*, zero_stage: int, precision: str, lr: float, betas: tuple[float, float], micro_batch: int,
-              grad_accum: int, world: int, grad_clip: float, params: int) -> dict[str, Any]:
-    """One engine's DeepSpeed config for a model of `params` parameters. Adam with torch's implementation
-    (no fused-op compile on CPU). ZeRO's gradient-reduction bucket is sized to the model: DeepSpeed's
-    default (5e8 elements) is 10x these models and costs ~0.9 GiB of GPU memory per engine for nothing
-    (measured on an H100: the celebahq256 discriminator's engine peaks at 1.31 GiB with it, 0.46 without)."""
+              grad_accum: int, world: int, grad_clip: float, params: int,
+              device: torch.device | None = None) -> dict[str, Any]:
+    """One engine's DeepSpeed config for a model of `params` parameters on `device` (default: this
+    process's), Adam as `adam_params` picks it. ZeRO's gradient-reduction bucket is sized to the model:
+    DeepSpeed's default (5e8 elements) is 10x these models and costs ~0.9 GiB of GPU memory per engine for
+    nothing (measured on an H100: the celebahq256 discriminator's engine peaks at 1.31 GiB with it, 0.46
+    without)."""
     bucket = min(500_000_000, -(-params // 64) * 64)  # a multiple of NCCL's start alignment
     return {
         "train_batch_size": micro_batch * grad_accum * world,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
-        "optimizer": {"type": "Adam", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8,
-                                                 "weight_decay": 0.0, "torch_adam": True}},
+        "optimizer": {"type": "Adam", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": 0.0,
+                                                 **adam_params(device or dist.device())}},
         "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},

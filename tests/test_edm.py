@@ -262,7 +262,7 @@ def test_sweep_samplers_writes_table_and_plot(trained: Path, shards: str, tmp_pa
     run_id = json.loads((out / "tracking.json").read_text())["run_id"]
     arts = {a.path for a in client.list_artifacts(run_id)}
     assert {"sweep.csv", "sweep.md", "fid_vs_nfe.png"} <= arts
-    assert len(client.get_metric_history(run_id, "fid/heun")) == 2
+    assert len(client.get_metric_history(run_id, "fid_proxy/heun")) == 2
 
 
 @pytest.mark.slow

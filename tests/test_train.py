@@ -214,10 +214,11 @@ def test_resume_is_bit_exact(shards: str, tmp_path: Path, zero_g: int) -> None:
 @pytest.mark.slow
 def test_reshard_2_to_1_and_back(shards: str, tmp_path: Path) -> None:
     """A checkpoint saved on 2 ranks resumes on 1 (DeepSpeed universal checkpoint; the trainer verifies the
-    loaded weights' checksum) and back on 2, with the same global batch."""
+    loaded weights' checksum) and back on 2, with the same global batch; the recorded global batches are
+    the planned ones (jobs/data_order.py), and a changed record is found."""
     run = tmp_path / "reshard"
     common = [f"run.dir={run}", f"data.url={shards}", "dist.zero_stage_g=2", "dist.zero_stage_d=2",
-              "train.log_every_images=16", *QUIET]
+              "train.log_every_images=16", "data.audit_order=true", *QUIET]
     torchrun({"runs": [{"recipe": "tiny", "overrides": ["train.max_steps=2", *common]}]}, tmp_path, nproc=2)
     torchrun({"runs": [{"recipe": "tiny", "overrides": ["train.max_steps=3", *common]}]}, tmp_path, nproc=1)
     torchrun({"runs": [{"recipe": "tiny", "overrides": ["train.max_steps=4", *common]}]}, tmp_path, nproc=2)
@@ -225,6 +226,26 @@ def test_reshard_2_to_1_and_back(shards: str, tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["images_seen"] for r in rows] == [16, 32, 48, 64]
     assert all(math.isfinite(r["d_loss"]) for r in rows)
+
+    def data_order() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "jobs/data_order.py", f"run={run}"], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+
+    r = data_order()
+    assert r.returncode == 0 and "steps 0..3: every global batch is the one the data order plans" in r.stdout, r
+    attempts = sorted((run / "data-order").iterdir())
+    assert [sorted(p.name for p in a.iterdir()) for a in attempts] == [
+        ["rank-00000-of-00002.jsonl", "rank-00001-of-00002.jsonl"], ["rank-00000-of-00001.jsonl"],
+        ["rank-00000-of-00002.jsonl", "rank-00001-of-00002.jsonl"]]
+    f = attempts[1] / "rank-00000-of-00001.jsonl"  # the 1-rank attempt trained step 2
+    row = json.loads(f.read_text().splitlines()[0])
+    assert row["step"] == 2 and len(row["keys"]) == 16
+    f.write_text(json.dumps({"step": 2, "keys": row["keys"][::-1]}) + "\n")
+    r = data_order()
+    assert r.returncode == 1 and "step 2: global batch differs from the plan (same samples, another order)" in r.stdout
+    r = subprocess.run([sys.executable, "jobs/data_order.py", f"run={tmp_path}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path}: no recipe.yaml (not a run folder)"
 
 
 @pytest.mark.slow

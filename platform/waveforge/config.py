@@ -180,6 +180,7 @@ class DataConfig:
     cache_dir: str = ""  # local cache of downloaded shards ("" = none)
     on_error: Literal["skip", "fail"] = "skip"  # corrupt sample / missing shard: skip and count, or stop
     retries: int = _field(5, at_least(0))  # read retries with exponential backoff on transient storage errors
+    audit_order: bool = False  # record the keys of every global batch in <run>/data-order/ (jobs/data_order.py)
 
 
 @dataclass
@@ -319,7 +320,8 @@ SECRET_FIELDS = {"storage.secret_key", "storage.access_key"}
 # Fields that do not change what is trained: a resumed run may differ from its checkpoint only in these.
 NON_TRAINING_PREFIXES = ("run.", "cluster.", "tracking.", "eval.", "sampler.", "checkpoint.", "storage.", "recipe")
 NON_TRAINING_FIELDS = {"data.url", "data.num_workers", "data.cache_dir", "data.retries", "train.max_steps",
-                       "train.log_every_images", "data.synthetic_if_missing", "data.on_error"}
+                       "train.log_every_images", "data.synthetic_if_missing", "data.on_error",
+                       "data.audit_order"}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: runtime.StopFlag) 
     if state.get("interval"):
         meter.load_state_dict(state["interval"])  # the partial interval before a stop: logged with the next point
     log = RunLog(tracker, run_dir, first_step=step, last_step=last_step)
+    audit = data.OrderAudit.open(run_dir) if cfg.data.audit_order else None  # what each step trains on
 
     status, path = "finished", checkpointer.newest()
     try:
@@ -109,6 +110,8 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: runtime.StopFlag) 
             t0 = time.perf_counter()
             batch = loader.next_step()
             timer.add("data_wait", time.perf_counter() - t0)
+            if audit is not None:
+                audit.record(step, (k for mb in batch for k in mb["key"]))
             with timer.phase("to_device"):
                 x = [data.normalize(mb["image"].to(device, non_blocking=True), mb.get("flip")) for mb in batch]
             meter.add(model.step(x, step, timer), images=t.batch_size)
@@ -145,6 +148,9 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: runtime.StopFlag) 
         checkpointer.close()
         loader.close()
         raise
+    finally:
+        if audit is not None:
+            audit.close()
     failed_uploads = checkpointer.close()
     loader.close()
     if failed_uploads:

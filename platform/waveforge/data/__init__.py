@@ -7,7 +7,8 @@
 
 Modules, one concern each: tar (shard bytes -> samples), decode (sample -> image, normalize), order (which
 sample when: pure arithmetic), reader (streams read from shards, substitution of bad data), loader (worker
-processes, shared-memory batches, resume state), shards (writing data sets), synthetic, workers.
+processes, shared-memory batches, resume state), shards (writing data sets), synthetic, workers, audit
+(the record of what a run trained on, checked against the order).
 
 Names are imported lazily, so the shard-writing worker processes never import torch.
 """
@@ -24,6 +25,7 @@ _EXPORTS = {
     "normalize": "decode", "decode_image": "decode", "decode_hwc": "decode",
     "parse_tar": "tar", "register_gopen": "tar",
     "ensure_dataset": "shards", "make_shards": "shards", "manifest_url": "shards", "read_manifest": "shards",
+    "OrderAudit": "audit",
     "synthetic_image": "synthetic", "start_worker_server": "workers", "worker_context": "workers",
 }
 __all__ = sorted(_EXPORTS)

@@ -222,6 +222,8 @@ class DistConfig:
     grad_accum: int = _field(1, at_least(1))  # gradient accumulation steps: micro-batch = batch / (ranks x grad_accum)
     activation_checkpointing: bool = False  # recompute generator activations in backward (512/1024 px)
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto = nccl on CUDA, gloo on CPU
+    # torch.compile of every block of G and D (regional; D eager on R1 steps): a torch.compile backend
+    compile: Literal["none", "inductor", "aot_eager"] = "none"
 
 
 @dataclass

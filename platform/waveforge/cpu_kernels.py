@@ -111,8 +111,9 @@ def applies(x: torch.Tensor) -> bool:
 
 def applies_strided(x: torch.Tensor) -> bool:
     """`applies` for a channel slice of a channels_last tensor: channels adjacent in memory (stride 1), the
-    pixels anywhere."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+    pixels anywhere. Never inside torch.compile's tracing (the kernels read raw memory: compiled graphs run
+    the eager ops)."""
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and (x.stride(1) == 1 or x.shape[1] == 1))
 

@@ -188,6 +188,10 @@ class GanStep:
 
     def attach(self, engines: dict[str, Any]) -> None:
         self.g, self.d = engines["G"], engines["D"]
+        if self.cfg.dist.compile != "none":  # after the trainer copied G for its EMA (see compile_blocks)
+            n = sum(models.compile_blocks(e.module, self.cfg.dist.compile) for e in (self.g, self.d))
+            dist.print0(f"torch.compile ({self.cfg.dist.compile}): {n} blocks of G and D, compiled at their first "
+                        "call; D runs eager on R1 steps (no double backward through compiled graphs)")
 
     @property
     def generator(self) -> torch.nn.Module:
@@ -215,33 +219,47 @@ class GanStep:
         c, rank = self.cfg, dist.rank()
         x0s = [wavelet.to_wavelet(img) for img in images]
         do_r1 = c.train.r1_gamma > 0 and step % c.train.lazy_reg == 0
-        d_stats, g_stats = [], []
 
         seed_phase(c.run.seed, step, rank, PHASE_D)  # D step: real vs fake (from a frozen G), lazy R1
+        # R1 differentiates D's input gradient (create_graph): compiled graphs have no double backward.
+        eager = torch.compiler.set_stance("force_eager") if do_r1 and c.dist.compile != "none" else nullcontext()
+        with eager:
+            d_stats = self._d_step(x0s, do_r1, timer)
+
+        seed_phase(c.run.seed, step, rank, PHASE_G)  # G step: D frozen and called through .module
+        self.d.module.requires_grad_(False)
+        g_stats = self._g_step(x0s, timer)
+        self.d.module.requires_grad_(True)
+        return {**mean_stats(d_stats), **mean_stats(g_stats), "grad_norm_d": grad_norm(self.d),
+                "grad_norm_g": grad_norm(self.g)}
+
+    def _d_step(self, x0s: list[torch.Tensor], do_r1: bool, timer: PhaseTimer) -> list[Stats]:
+        """D's step over the micro-batches: real vs fake (from a frozen G), R1 when do_r1."""
+        stats = []
         for x0 in x0s:
             with timer.phase("d_fwd_bwd"):
                 t, z = self._draws(x0.shape[0])
                 loss, st = diffusion.d_loss(self._gen_frozen, self._disc, self.sched, x0, t, z,
-                                            r1_gamma=c.train.r1_gamma, do_r1=do_r1)
+                                            r1_gamma=self.cfg.train.r1_gamma, do_r1=do_r1)
                 self.d.backward(loss)
             with timer.phase("d_optim"):
                 self.d.step()
-            d_stats.append(st)
+            stats.append(st)
+        return stats
 
-        seed_phase(c.run.seed, step, rank, PHASE_G)  # G step: D frozen and called through .module
-        self.d.module.requires_grad_(False)
+    def _g_step(self, x0s: list[torch.Tensor], timer: PhaseTimer) -> list[Stats]:
+        """G's step over the micro-batches: adversarial + reconstruction loss, D frozen."""
+        stats = []
         for x0 in x0s:
             with timer.phase("g_fwd_bwd"):
                 t, z = self._draws(x0.shape[0])
                 loss, st = diffusion.g_loss(self._gen, self._disc, self.sched, x0, t, z,
-                                            rec_weight=c.train.rec_weight)
+                                            rec_weight=self.cfg.train.rec_weight)
                 self.g.backward(loss)
             with timer.phase("g_optim"):
                 self.g.step()
-            g_stats.append(st)
-        self.d.module.requires_grad_(True)
-        return {**mean_stats(d_stats), **mean_stats(g_stats), "grad_norm_d": grad_norm(self.d),
-                "grad_norm_g": grad_norm(self.g)}
+            stats.append(st)
+        return stats
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,6 +283,9 @@ class EdmStep:
 
     def attach(self, engines: dict[str, Any]) -> None:
         self.engine = engines["G"]
+        if self.cfg.dist.compile != "none":  # after the trainer copied the denoiser for its EMA
+            n = models.compile_blocks(self.engine.module, self.cfg.dist.compile)
+            dist.print0(f"torch.compile ({self.cfg.dist.compile}): {n} blocks of the denoiser")
 
     @property
     def generator(self) -> torch.nn.Module:

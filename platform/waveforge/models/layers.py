@@ -283,9 +283,10 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         q, k, v = pointwise(self.qkv, self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), scale 1/sqrt(C)
-        h = h.transpose(-1, -2).reshape(B, C, H, W)
-        if x.is_contiguous(memory_format=torch.channels_last):  # keep a channels_last input's layout
-            h = h.contiguous(memory_format=torch.channels_last)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)  # a view in channels_last strides, or a copy
+        # The input's layout, whichever it is (torch.compile's GroupNorm of the next block needs it).
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        h = h.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         h = pointwise(self.proj, h)
         return h.add_(x).mul_(1 / math.sqrt(2))  # (x + h) / sqrt(2), in the conv's fresh output
 

@@ -5,7 +5,8 @@
 #     bash benchmarks/gpu_check.sh [WORK_DIR]        # default WORK_DIR: a new temporary folder
 #
 # 1. jobs/train.py in bf16 for tiny (ZeRO-2) and celebahq256/512/1024 at their per-GPU batch on one GPU,
-#    synthetic shards drawn on the fly: images/s, seconds per step, data wait and peak memory.
+#    synthetic shards drawn on the fly: images/s, seconds per step, data wait and peak memory; celebahq256
+#    again with dist.compile=inductor.
 # 2. Resume on the GPU: tiny with ZeRO-3 G / ZeRO-2 D stopped at step 32 and resumed to 64 must log the
 #    same losses and save the same weights checksums as an uninterrupted 64-step run (exit status 1 if not).
 # 3. Periodic FID/KID and sample grids during training, then jobs/sample.py and jobs/evaluate.py --json,
@@ -44,6 +45,11 @@ for spec in "celebahq256 32 384" "celebahq512 4 96" "celebahq1024 4 48"; do
         train.log_every_images=$((batch * 12)) eval.every_images=0 checkpoint.every_images=0
     summary "$W/runs/$recipe/metrics.jsonl"
 done
+# The same celebahq256 run with dist.compile=inductor: its last interval (after the compile) vs the eager one.
+train celebahq256-compiled recipe=celebahq256 gpus_per_node=1 train.batch_size=32 data.url="$W/data/celebahq256" \
+    data.num_workers=6 train.max_steps=48 train.log_every_images=384 eval.every_images=0 checkpoint.every_images=0 \
+    dist.compile=inductor
+summary "$W/runs/celebahq256-compiled/metrics.jsonl"
 
 resume="recipe=tiny data.url=$W/data/tiny train.log_every_images=256 dist.zero_stage_g=3 dist.zero_stage_d=2"
 resume="$resume checkpoint.every_images=512 eval.every_images=0"

@@ -71,9 +71,9 @@ from waveforge.checkpoint.reader import (
     resume_candidates,
 )
 from waveforge.checkpoint.remote import Uploader, download, upload
-from waveforge.checkpoint.writer import save
+from waveforge.checkpoint.writer import Saver, save
 
-__all__ = ["EMA", "LATEST", "MANIFEST", "STATE", "CheckpointError", "Uploader", "ckpt_root", "complete_checkpoints",
+__all__ = ["EMA", "LATEST", "MANIFEST", "STATE", "CheckpointError", "Saver", "Uploader", "ckpt_root", "complete_checkpoints",
            "download", "ds_config_patch", "export", "find_resume", "first_verified", "is_complete", "load",
            "needs_universal", "prepare_universal", "read_manifest", "read_state", "resume_candidates", "save",
            "step_name", "upload", "verify", "verify_files"]

@@ -73,7 +73,8 @@ from waveforge.checkpoint.reader import (
 from waveforge.checkpoint.remote import Uploader, download, upload
 from waveforge.checkpoint.writer import Saver, save
 
-__all__ = ["EMA", "LATEST", "MANIFEST", "STATE", "CheckpointError", "Saver", "Uploader", "ckpt_root", "complete_checkpoints",
+__all__ = ["EMA", "LATEST", "MANIFEST", "STATE", "CheckpointError", "Saver", "Uploader", "ckpt_root",
+           "complete_checkpoints",
            "download", "ds_config_patch", "export", "find_resume", "first_verified", "is_complete", "load",
            "needs_universal", "prepare_universal", "read_manifest", "read_state", "resume_candidates", "save",
            "step_name", "upload", "verify", "verify_files"]

@@ -412,6 +412,13 @@ def test_background_save_is_a_snapshot_published_only_once_durable(tmp_path: Pat
     got = safetensors.torch.load_file(str(path / "ema.safetensors"))
     assert all(torch.equal(got[k], ema_at_save[k]) for k in ema_at_save)
     assert checkpoint.read_state(path)["counts"] == [1, 2]
+    # the next save's snapshot reuses the first one's memory: it holds the new values
+    path2 = saver.save(tmp_path, 2, engines, ema, {**state, "step": 2}, keep_last=2)
+    engines["G"].w.zero_()
+    saver.wait()
+    saved = torch.load(path2 / "G" / "mp_rank_00_model_states.pt", weights_only=True)
+    assert torch.equal(saved["w"], torch.arange(1000, dtype=torch.float32) + 1000)
+    assert checkpoint.is_complete(path, hashes=True) and checkpoint.is_complete(path2, hashes=True)
     saver.close()
 
 

@@ -173,7 +173,8 @@ def start_weed(state: Path) -> tuple[subprocess.Popen, str, StorageConfig]:
             time.sleep(0.1)
     scfg = StorageConfig(endpoint_url=endpoint, access_key=key, secret_key=secret)
     fs, _ = storage.filesystem("s3://bench", scfg)
-    fs.mkdir("bench")
+    if not fs.exists("bench"):
+        fs.mkdir("bench")
     return proc, "s3://bench/ckpt", scfg
 
 
@@ -201,7 +202,8 @@ def bench_stall(ckpt: Path, work: Path, mb_s: float) -> dict:
         step()
     alone = loop(10.0)
     state = work / "weed"
-    state.mkdir(exist_ok=True)
+    shutil.rmtree(state, ignore_errors=True)  # a fresh server: no objects of an earlier run
+    state.mkdir()
     proc, url, scfg = start_weed(state)
     try:
         up = checkpoint.Uploader(url, scfg, mb_s=mb_s)

@@ -63,6 +63,7 @@ from waveforge.checkpoint.files import (
 from waveforge.checkpoint.remote import Uploader
 
 WRITE_THREADS = 4  # files written at once per rank (writes and sha256 release the GIL)
+CHUNK = 8 << 20  # bytes per write (and per hashed piece) of a big record
 POLL_S = 0.02  # rank 0's publisher looks for the other ranks' sums files this often
 ABORT_WAIT_S = 60.0  # after an error elsewhere, how long rank 0 still waits for the other ranks' files
 
@@ -127,15 +128,26 @@ def _snapshot(obj: Any, buffers: _Buffers, memo: dict[int, torch.UntypedStorage]
 
 
 class _HashingFile:
-    """The file object torch.save writes through: every byte goes to disk and into a sha256 (hashlib and the
-    write both release the GIL, so the pool's threads hash and write several files at once)."""
+    """The file object torch.save writes through: every byte goes to disk and into a sha256. A big record (a
+    tensor's storage) goes in CHUNK pieces, each hashed by a helper thread while this one writes it (hashlib
+    and the write both release the GIL): the hash costs no time of its own, and the kernel takes pieces of
+    this size about twice as fast as one write of a whole 100 MB storage."""
 
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw, self.sha = raw, hashlib.sha256()
+    def __init__(self, raw: BinaryIO, hasher: ThreadPoolExecutor) -> None:
+        self.raw, self.sha, self.hasher = raw, hashlib.sha256(), hasher
 
     def write(self, data: Any) -> int:
-        self.sha.update(data)
-        return self.raw.write(data)
+        mv = memoryview(data).cast("B")
+        if len(mv) <= CHUNK:
+            self.sha.update(mv)
+            self.raw.write(mv)
+            return len(mv)
+        for i in range(0, len(mv), CHUNK):
+            piece = mv[i:i + CHUNK]
+            hashed = self.hasher.submit(self.sha.update, piece)  # done before write() returns: `data` lives
+            self.raw.write(piece)
+            hashed.result()
+        return len(mv)
 
     def flush(self) -> None:
         self.raw.flush()
@@ -143,8 +155,8 @@ class _HashingFile:
 
 def _write_torch(obj: Any, path: Path) -> dict[str, Any]:
     """torch.save `obj` to `path`, hashed while written and fsynced; its manifest entry (size, sha256)."""
-    with open(path, "wb") as raw:
-        f = _HashingFile(raw)
+    with open(path, "wb") as raw, ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as hasher:
+        f = _HashingFile(raw, hasher)
         torch.save(obj, f)
         raw.flush()
         os.fsync(raw.fileno())

@@ -1,7 +1,8 @@
 """Checkpoint speed: save/load of real-sized DeepSpeed engines vs plain torch.save/torch.load of the same
 tensors to the same disk, and the training stall caused by a background upload to SeaweedFS.
 
-    .venv/bin/python benchmarks/checkpoint.py [dir=/tmp/wf-ckpt-bench] [upload=1] [repeats=2] [upload_mb_s=200]
+    .venv/bin/python benchmarks/checkpoint.py [dir=/tmp/wf-ckpt-bench] [upload=1] [repeats=2]
+        [upload_cases=200:19,20:10] [upload_window_s=60] [big=1]
 
 One process (world size 1), CPU, ZeRO-2, bf16. Cases:
   celebahq256: G + D engines built from the recipe's model section (waveforge.models)
@@ -17,7 +18,9 @@ short of memory. The upload: time per step of a small training loop (a CPU MLP s
 Uploader's process copies the celebahq256 checkpoint to a private `weed mini` (127.0.0.1, free ports; the
 server runs at normal priority and its CPU is not the upload's), the upload's MB/s, and the upload
 process's CPU seconds per GB (getrusage in that process; its start-up, mostly imports, reported apart),
-once per bound in upload_mb_s (comma-separated; 0 = unbounded).
+once per upload case MB_S:NICE (checkpoint.upload_mb_s, 0 = unbounded : checkpoint.upload_nice). The
+training loop keeps both cores busy, so a nice-19 upload advances slowly: the step times are taken for at
+most upload_window_s, then the upload finishes without training (upload_done_while_training says which).
 """
 
 from __future__ import annotations
@@ -178,9 +181,10 @@ def start_weed(state: Path) -> tuple[subprocess.Popen, str, StorageConfig]:
     return proc, "s3://bench/ckpt", scfg
 
 
-def bench_stall(ckpt: Path, work: Path, mb_s: float) -> dict:
-    """Step time of a small CPU training loop alone and while the Uploader's process copies `ckpt`; the
-    upload's MB/s and its process's CPU seconds per GB (its start-up, the imports, reported apart)."""
+def bench_stall(ckpt: Path, work: Path, mb_s: float, nice: int, window_s: float) -> dict:
+    """Step time of a small CPU training loop alone and while the Uploader's process (bound `mb_s`, priority
+    `nice`) copies `ckpt`, for at most `window_s` (then the upload finishes without training); the upload's
+    MB/s and its process's CPU seconds per GB (its start-up, the imports, reported apart)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 512))
     opt = torch.optim.Adam(net.parameters(), 1e-4)
@@ -206,19 +210,21 @@ def bench_stall(ckpt: Path, work: Path, mb_s: float) -> dict:
     state.mkdir()
     proc, url, scfg = start_weed(state)
     try:
-        up = checkpoint.Uploader(url, scfg, mb_s=mb_s)
+        up = checkpoint.Uploader(url, scfg, mb_s=mb_s, nice=nice)
         t0 = time.perf_counter()
         up.submit(ckpt)
-        busy = loop(0, until=lambda: bool(up.pending()))
-        up_s = time.perf_counter() - t0
+        busy = loop(0, until=lambda: bool(up.pending()) and time.perf_counter() - t0 < window_s)
+        done_while_training = not up.pending()
         errors = up.close()
+        up_s = time.perf_counter() - t0
         after = loop(10.0)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     nbytes = sum(f["size"] for f in checkpoint.read_manifest(ckpt)["files"].values())
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    res = {"case": "upload_stall", "upload_mb_s_bound": mb_s, "upload_MB": round(nbytes / 1e6),
+    res = {"case": "upload_stall", "upload_mb_s_bound": mb_s, "upload_nice": nice, "upload_MB": round(nbytes / 1e6),
+           "upload_done_while_training": done_while_training,
            "upload_s": round(up_s, 1), "upload_MB_s": round(nbytes / 1e6 / up_s, 1), "upload_errors": errors,
            "upload_cpu_s_per_GB": round((up.cpu_s - up.startup_cpu_s) / (nbytes / 1e9), 2),
            "upload_startup_cpu_s": round(up.startup_cpu_s, 2),
@@ -248,10 +254,16 @@ def main() -> None:
     results.append(bench_case("celebahq256_G+D", engines, ema, work, repeats))
     ck256 = checkpoint.complete_checkpoints(checkpoint.ckpt_root(work / "celebahq256_G+D"))[-1]
     if args.get("upload", "1") == "1":
-        for mb_s in [float(v) for v in args.get("upload_mb_s", "200").split(",")]:
-            results.append(bench_stall(ck256, work, mb_s))
+        for case in args.get("upload_cases", "200:19").split(","):
+            mb_s, nice = case.split(":")
+            results.append(bench_stall(ck256, work, float(mb_s), int(nice), float(args.get("upload_window_s", 60))))
     del engines, G, D, ema
 
+    if args.get("big", "1") != "1":
+        shutil.rmtree(work, ignore_errors=True)
+        print("RESULTS " + json.dumps(results))
+        torch.distributed.destroy_process_group()
+        return
     cfg = config.load("celebahq1024")
     G = models.build_generator(cfg.model, cfg.diffusion)
     ema = copy.deepcopy(G).requires_grad_(False)

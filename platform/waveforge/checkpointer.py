@@ -45,7 +45,8 @@ class Checkpointer:
     def __init__(self, cfg: Recipe, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         c = cfg.checkpoint
-        self.uploader = (checkpoint.Uploader(c.url, cfg.storage, keep_last=c.remote_keep_last, mb_s=c.upload_mb_s)
+        self.uploader = (checkpoint.Uploader(c.url, cfg.storage, keep_last=c.remote_keep_last, mb_s=c.upload_mb_s,
+                                               nice=c.upload_nice)
                          if c.url and dist.rank() == 0 else None)
         self.saver = checkpoint.Saver(background=c.background)
         self.source: Path | None = None

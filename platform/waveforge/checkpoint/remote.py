@@ -151,8 +151,9 @@ def download(url: str, dest_root: Path, storage: StorageConfig | None = None, *,
 class Uploader:
     """Uploads published checkpoints to `url`, in order, in a separate process (rank 0 only).
 
-    The process (`python -m waveforge.checkpoint.upload_worker`) runs at the lowest CPU and I/O priority,
-    dies with the trainer, and copies at most `mb_s` MB/s on average (0 = unbounded); it gets the storage
+    The process (`python -m waveforge.checkpoint.upload_worker`) runs at CPU priority `nice` (19 = the
+    lowest) and the lowest best-effort I/O priority, dies with the trainer, and copies at most `mb_s` MB/s
+    on average (0 = unbounded); it gets the storage
     settings, credentials included, through a pipe (never its command line or a file). One thread of
     this process feeds it and reads its results. Each checkpoint: files, then the manifest, then
     `url/latest`; then remote checkpoints beyond `keep_last` (milestones kept) are deleted when keep_last
@@ -164,7 +165,7 @@ class Uploader:
     """
 
     def __init__(self, url: str, storage: StorageConfig | None = None, *, keep_last: int = 0, retries: int = 5,
-                 backoff_s: float = 1.0, mb_s: float = 0.0) -> None:
+                 backoff_s: float = 1.0, mb_s: float = 0.0, nice: int = 19) -> None:
         if not url:
             raise ValueError("Uploader needs a url")
         self.url = url.rstrip("/")
@@ -173,6 +174,7 @@ class Uploader:
         self.retries = retries
         self.backoff_s = backoff_s
         self.mb_s = mb_s
+        self.nice = nice
         self.errors = 0
         self.failed: list[str] = []
         self.uploaded: list[str] = []
@@ -218,7 +220,7 @@ class Uploader:
         self._results = os.fdopen(r, "r")
         settings = {"url": self.url, "storage": dataclasses.asdict(self.storage or StorageConfig()),
                     "keep_last": self.keep_last, "retries": self.retries, "backoff_s": self.backoff_s,
-                    "mb_s": self.mb_s, "results_fd": w}
+                    "mb_s": self.mb_s, "nice": self.nice, "results_fd": w}
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(settings) + "\n")
         proc.stdin.flush()

@@ -1,12 +1,12 @@
 """The checkpoint upload process: `python -m waveforge.checkpoint.upload_worker`, started by `Uploader`.
 
-It runs at the lowest CPU and I/O priority the system allows (nice 19, SCHED_IDLE, the idle I/O class), dies
-with the trainer (the parent), and copies checkpoints at a bounded rate (`waveforge.checkpoint.remote.upload`)
-so that training keeps the machine.
+It runs at a low CPU priority (nice 19 by default) and the lowest best-effort I/O priority, dies with the
+trainer (the parent), and copies checkpoints at a bounded rate (`waveforge.checkpoint.remote.upload`) so that
+training keeps the machine.
 
 Protocol (JSON lines): the first line on stdin is the settings {"url", "storage" (the StorageConfig's
 fields: credentials come through this pipe, never the command line or a file), "keep_last", "retries",
-"backoff_s", "mb_s", "results_fd"}; every further line is {"ckpt": "<local checkpoint folder>"}. On the
+"backoff_s", "mb_s", "nice", "results_fd"}; every further line is {"ckpt": "<local checkpoint folder>"}. On the
 inherited pipe `results_fd` it answers {"ready": true, "cpu_s"} once started, then one line per checkpoint:
 {"name", "ok": true, "remote", "seconds", "cpu_s"} or {"name", "ok": false, "error", "cpu_s"} (cpu_s: this
 process's CPU seconds so far). It ends when stdin closes.
@@ -28,24 +28,21 @@ from waveforge.checkpoint.remote import _prune_remote, upload
 from waveforge.config import StorageConfig
 
 
-def lower_priority() -> list[str]:
-    """This process at the lowest CPU and I/O priority the system allows; returns what was applied."""
+def lower_priority(nice: int) -> list[str]:
+    """This process at CPU priority `nice` (19 = the lowest; not SCHED_IDLE, under which a trainer that keeps
+    every core busy would starve the upload for good) and the lowest best-effort I/O priority; returns what
+    was applied."""
     done = []
     try:
-        os.nice(19 - os.nice(0))
-        done.append("nice 19")
+        os.nice(max(0, nice - os.nice(0)))
+        done.append(f"nice {os.nice(0)}")
     except OSError:
         pass
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        done.append("SCHED_IDLE")
-    except (OSError, AttributeError):
-        pass
     nr = {"x86_64": 251, "aarch64": 30}.get(os.uname().machine) if sys.platform.startswith("linux") else None
-    if nr is not None:  # ioprio_set(IOPRIO_WHO_PROCESS, this process, IOPRIO_CLASS_IDLE << 13)
+    if nr is not None:  # ioprio_set(IOPRIO_WHO_PROCESS, this process, IOPRIO_CLASS_BE << 13 | 7)
         try:
-            if ctypes.CDLL(None, use_errno=True).syscall(nr, 1, 0, 3 << 13) == 0:
-                done.append("idle I/O")
+            if ctypes.CDLL(None, use_errno=True).syscall(nr, 1, 0, 2 << 13 | 7) == 0:
+                done.append("best-effort I/O level 7")
         except (OSError, AttributeError):
             pass
     return done
@@ -79,8 +76,8 @@ def upload_with_retries(ckpt: Path, settings: dict[str, Any], scfg: StorageConfi
 
 def main() -> None:
     runtime.die_with_parent()
-    lower_priority()
     settings = json.loads(sys.stdin.readline())
+    lower_priority(int(settings.get("nice", 19)))
     scfg = StorageConfig(**settings["storage"])
     results = os.fdopen(int(settings["results_fd"]), "w")
     results.write(json.dumps({"ready": True, "cpu_s": _cpu_s()}) + "\n")

@@ -428,9 +428,7 @@ class Saver:
                 if job.buffers is not None:
                     job.buffers.recycle()
         except BaseException as e:  # noqa: BLE001 - kept, raised on every rank by the next save/wait/close
-            if isinstance(e, OSError):
-                e = CheckpointError(f"saving checkpoint {final.name} failed: {type(e).__name__}: {e}")
-            elif not isinstance(e, CheckpointError):
+            if not isinstance(e, CheckpointError):
                 e = CheckpointError(f"saving checkpoint {final.name} failed: {type(e).__name__}: {e}")
             self._error = self._error or e
             if dist.rank() != 0:

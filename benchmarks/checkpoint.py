@@ -2,16 +2,25 @@
 tensors to the same disk, and the training stall caused by a background upload to SeaweedFS.
 
     .venv/bin/python benchmarks/checkpoint.py [dir=/tmp/wf-ckpt-bench] [upload=1] [repeats=2]
+        [upload_cases=200:19,20:10] [upload_window_s=60] [big=1]
 
 One process (world size 1), CPU, ZeRO-2, bf16. Cases:
   celebahq256: G + D engines built from the recipe's model section (waveforge.models)
   celebahq1024: the 1024 px generator alone (G engine)
-For each: waveforge.checkpoint.save (shards + EMA + RNG + sha256 + fsync + atomic publish) and load,
-against torch.save (+ fsync) / torch.load of a dict of the same tensors (16-bit weights, fp32 master,
-Adam moments, EMA): the limit of the disk and the serializer. Reads come from the page cache unless
-the machine is short of memory (printed with the numbers). The stall: time per step of a small training
-loop (a CPU MLP step) alone and while the Uploader copies the celebahq256 checkpoint to a private
-`weed mini` (127.0.0.1, free ports), and the upload's MB/s.
+For each, in alternating rounds (the minimum of each is reported): waveforge.checkpoint.save (synchronous:
+shards + EMA + RNG written in parallel, sha256 while writing, fsync, atomic publish), a background save
+(`Saver(background=True)`: the stall is the time save() takes, the snapshot; then the time until it is
+published), plain torch.save (+ fsync) of a dict of the same tensors (16-bit weights, fp32 master, Adam
+moments, EMA: the limit of the disk and the serializer) and a clone of those tensors (the "device-to-host
+copy" the stall is compared with); then sha256 verification (`checkpoint.verify`, what a resume does
+before loading) + load against plain torch.load. Reads come from the page cache unless the machine is
+short of memory. The upload: time per step of a small training loop (a CPU MLP step) alone and while the
+Uploader's process copies the celebahq256 checkpoint to a private `weed mini` (127.0.0.1, free ports; the
+server runs at normal priority and its CPU is not the upload's), the upload's MB/s, and the upload
+process's CPU seconds per GB (getrusage in that process; its start-up, mostly imports, reported apart),
+once per upload case MB_S:NICE (checkpoint.upload_mb_s, 0 = unbounded : checkpoint.upload_nice). The
+training loop keeps both cores busy, so a nice-19 upload advances slowly: the step times are taken for at
+most upload_window_s, then the upload finishes without training (upload_done_while_training says which).
 """
 
 from __future__ import annotations
@@ -77,19 +86,13 @@ def timed(fn) -> float:
 
 
 def bench_case(name: str, engines: dict, ema: torch.nn.Module, work: Path, repeats: int) -> dict:
+    """Alternating rounds (min of each): a synchronous save (returns once published), a background save (its
+    stall = the time save() takes, then the time until published), plain torch.save + fsync, a clone of
+    every tensor; then verification + load and plain torch.load."""
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
     state = {"step": 0, "images": 0, "recipe": {"model": {}, "diffusion": {}}}
     tensors = plain_tensors(engines, ema)  # before a load (DeepSpeed re-links its Adam views lazily)
-    saves, loads = [], []
-    for i in range(repeats):
-        state["step"] = i + 1
-        saves.append(timed(lambda: checkpoint.save(run_dir, state["step"], engines, ema, state, keep_last=1)))
-    ck = checkpoint.ckpt_root(run_dir) / checkpoint.step_name(repeats)
-    nbytes = sum(f["size"] for f in checkpoint.read_manifest(ck)["files"].values())
-    for _ in range(repeats):
-        loads.append(timed(lambda: checkpoint.load(ck, engines, ema)))
-
     plain = work / f"{name}-plain.pt"
 
     def plain_save() -> None:
@@ -98,16 +101,46 @@ def bench_case(name: str, engines: dict, ema: torch.nn.Module, work: Path, repea
             f.flush()
             os.fsync(f.fileno())
 
-    psaves = [timed(plain_save) for _ in range(repeats)]
+    saver = checkpoint.Saver(background=True)
+    saves, stalls, bg_saves, psaves, clones = [], [], [], [], []
+    step = 0
+    for _ in range(repeats):
+        step += 1
+        saves.append(timed(lambda s=step: checkpoint.save(run_dir, s, engines, ema, state, keep_last=2)))
+        psaves.append(timed(plain_save))
+        step += 1
+        t0 = time.perf_counter()
+        saver.save(run_dir, step, engines, ema, state, keep_last=2)
+        stalls.append(time.perf_counter() - t0)
+        saver.wait()
+        bg_saves.append(time.perf_counter() - t0)
+        clones.append(timed(lambda: {k: v.clone() for k, v in tensors.items()}))
+    saver.close()
+    ck = checkpoint.ckpt_root(run_dir) / checkpoint.step_name(step)
+    nbytes = sum(f["size"] for f in checkpoint.read_manifest(ck)["files"].values())
     pbytes = plain.stat().st_size
-    ploads = [timed(lambda: torch.load(plain, weights_only=True)) for _ in range(repeats)]
+    loads, verifies, ploads = [], [], []
+    for _ in range(repeats):
+        verifies.append(checkpoint.verify(ck))
+        loads.append(timed(lambda: checkpoint.load(ck, engines, ema)))
+        ploads.append(timed(lambda: torch.load(plain, weights_only=True)))
     plain.unlink()
     mb = 1e6
+    save_s, bg_s, stall_s, clone_s = min(saves), min(bg_saves), min(stalls), min(clones)
+    psave_s, load_s, verify_s, pload_s = min(psaves), min(loads), min(verifies), min(ploads)
     res = {"case": name, "checkpoint_MB": round(nbytes / mb), "plain_MB": round(pbytes / mb),
-           "save_s": round(min(saves), 2), "save_MB_s": round(nbytes / mb / min(saves)),
-           "load_s": round(min(loads), 2), "load_MB_s": round(nbytes / mb / min(loads)),
-           "plain_save_s": round(min(psaves), 2), "plain_save_MB_s": round(pbytes / mb / min(psaves)),
-           "plain_load_s": round(min(ploads), 2), "plain_load_MB_s": round(pbytes / mb / min(ploads))}
+           "save_s": round(save_s, 2), "save_MB_s": round(nbytes / mb / save_s),
+           "background_save_s": round(bg_s, 2), "background_save_MB_s": round(nbytes / mb / bg_s),
+           "plain_save_s": round(psave_s, 2), "plain_save_MB_s": round(pbytes / mb / psave_s),
+           "save_vs_plain": round(nbytes / save_s / (pbytes / psave_s), 2),
+           "background_save_vs_plain": round(nbytes / bg_s / (pbytes / psave_s), 2),
+           "stall_s": round(stall_s, 3), "clone_s": round(clone_s, 3),
+           "stall_vs_clone": round(stall_s / (clone_s * nbytes / pbytes), 2),
+           "verify_s": round(verify_s, 2), "load_s": round(load_s, 2),
+           "load_verified_MB_s": round(nbytes / mb / (load_s + verify_s)),
+           "plain_load_s": round(pload_s, 2), "plain_load_MB_s": round(pbytes / mb / pload_s),
+           "load_verified_vs_plain": round(nbytes / (load_s + verify_s) / (pbytes / pload_s), 2),
+           "verify_share_of_load": round(verify_s / (load_s + verify_s), 2)}
     print(json.dumps(res), flush=True)
     return res
 
@@ -143,12 +176,15 @@ def start_weed(state: Path) -> tuple[subprocess.Popen, str, StorageConfig]:
             time.sleep(0.1)
     scfg = StorageConfig(endpoint_url=endpoint, access_key=key, secret_key=secret)
     fs, _ = storage.filesystem("s3://bench", scfg)
-    fs.mkdir("bench")
+    if not fs.exists("bench"):
+        fs.mkdir("bench")
     return proc, "s3://bench/ckpt", scfg
 
 
-def bench_stall(ckpt: Path, work: Path) -> dict:
-    """Step time of a small CPU training loop alone and during a background upload of `ckpt`."""
+def bench_stall(ckpt: Path, work: Path, mb_s: float, nice: int, window_s: float) -> dict:
+    """Step time of a small CPU training loop alone and while the Uploader's process (bound `mb_s`, priority
+    `nice`) copies `ckpt`, for at most `window_s` (then the upload finishes without training); the upload's
+    MB/s and its process's CPU seconds per GB (its start-up, the imports, reported apart)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 512))
     opt = torch.optim.Adam(net.parameters(), 1e-4)
@@ -170,26 +206,31 @@ def bench_stall(ckpt: Path, work: Path) -> dict:
         step()
     alone = loop(10.0)
     state = work / "weed"
-    state.mkdir(exist_ok=True)
+    shutil.rmtree(state, ignore_errors=True)  # a fresh server: no objects of an earlier run
+    state.mkdir()
     proc, url, scfg = start_weed(state)
     try:
-        up = checkpoint.Uploader(url, scfg)
+        up = checkpoint.Uploader(url, scfg, mb_s=mb_s, nice=nice)
         t0 = time.perf_counter()
         up.submit(ckpt)
-        busy = loop(0, until=lambda: bool(up.pending()))
+        busy = loop(0, until=lambda: bool(up.pending()) and time.perf_counter() - t0 < window_s)
+        done_while_training = not up.pending()
+        errors = up.close()
         up_s = time.perf_counter() - t0
-        errors = up.wait()
         after = loop(10.0)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     nbytes = sum(f["size"] for f in checkpoint.read_manifest(ckpt)["files"].values())
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    res = {"case": "upload_stall", "upload_MB": round(nbytes / 1e6), "upload_s": round(up_s, 1),
-           "upload_MB_s": round(nbytes / 1e6 / up_s, 1), "upload_errors": errors,
+    res = {"case": "upload_stall", "upload_mb_s_bound": mb_s, "upload_nice": nice, "upload_MB": round(nbytes / 1e6),
+           "upload_done_while_training": done_while_training,
+           "upload_s": round(up_s, 1), "upload_MB_s": round(nbytes / 1e6 / up_s, 1), "upload_errors": errors,
+           "upload_cpu_s_per_GB": round((up.cpu_s - up.startup_cpu_s) / (nbytes / 1e9), 2),
+           "upload_startup_cpu_s": round(up.startup_cpu_s, 2),
            "step_ms_alone": round(1e3 * med(alone), 2), "step_ms_during_upload": round(1e3 * med(busy), 2),
            "step_ms_after": round(1e3 * med(after), 2),
-           "slowdown_during_upload": round(med(busy) / med(alone), 2), "steps_during_upload": len(busy)}
+           "slowdown_during_upload": round(med(busy) / med(alone), 3), "steps_during_upload": len(busy)}
     print(json.dumps(res), flush=True)
     return res
 
@@ -211,11 +252,18 @@ def main() -> None:
     ema = copy.deepcopy(G).requires_grad_(False)
     engines = {"G": engine(G), "D": engine(D)}
     results.append(bench_case("celebahq256_G+D", engines, ema, work, repeats))
-    ck256 = checkpoint.ckpt_root(work / "celebahq256_G+D") / checkpoint.step_name(repeats)
+    ck256 = checkpoint.complete_checkpoints(checkpoint.ckpt_root(work / "celebahq256_G+D"))[-1]
     if args.get("upload", "1") == "1":
-        results.append(bench_stall(ck256, work))
+        for case in args.get("upload_cases", "200:19").split(","):
+            mb_s, nice = case.split(":")
+            results.append(bench_stall(ck256, work, float(mb_s), int(nice), float(args.get("upload_window_s", 60))))
     del engines, G, D, ema
 
+    if args.get("big", "1") != "1":
+        shutil.rmtree(work, ignore_errors=True)
+        print("RESULTS " + json.dumps(results))
+        torch.distributed.destroy_process_group()
+        return
     cfg = config.load("celebahq1024")
     G = models.build_generator(cfg.model, cfg.diffusion)
     ema = copy.deepcopy(G).requires_grad_(False)

@@ -2,7 +2,7 @@
 
     python tests/_ckpt_worker.py run_dir=DIR steps=N [save_every=K] [zero_g=2] [zero_d=2] [precision=bf16]
         [resume=auto|never|PATH|URL] [snap=3,6] [url=s3://...] [keep_last=2] [step_sleep=0.0]
-        [pause_before_manifest=0.0]
+        [pause_before_manifest=0.0] [background=1]
 
 Launched by tests/test_checkpoint.py with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set. Writes
 (rank 0) DIR/losses.jsonl (one line per finished step), DIR/events.jsonl (start/resume/done) and, at each
@@ -97,6 +97,7 @@ def main() -> None:
     step_sleep = float(a.get("step_sleep", 0))
     storage = StorageConfig(endpoint_url=os.environ.get("TEST_S3_ENDPOINT", ""))
     pause = float(a.get("pause_before_manifest", 0))
+    saver = checkpoint.Saver(background=a.get("background", "1") == "1")  # like the trainer's default
     if pause:  # a save sleeps after every rank wrote its shards, RNG and state, before hashing and the manifest
         from waveforge.checkpoint import writer
 
@@ -176,12 +177,14 @@ def main() -> None:
         if save_every and (step % save_every == 0 or step == steps):
             state = {"step": step, "images": step * 4 * world, "world": world, "loader": {"pos": step},
                      "recipe": {"model": {"nf": 8}, "diffusion": {"num_timesteps": 2}}, "run_id": "toy"}
-            checkpoint.save(run_dir, step, engines, ema, state, keep_last=keep_last, uploader=uploader)
+            saver.save(run_dir, step, engines, ema, state, keep_last=keep_last, uploader=uploader,
+                       wait=step == steps)  # the last save is published before the job ends
             event(kind="saved", step=step)
         if step in snap_steps:
             snapshot(engines, ema, run_dir / f"snap-{step}.pt")
         if step_sleep:
             time.sleep(step_sleep)
+    saver.close()
     errors = uploader.wait() if uploader is not None else 0
     event(kind="done", step=step, upload_errors=errors)
     dist.barrier()

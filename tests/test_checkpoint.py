@@ -15,7 +15,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -356,6 +358,141 @@ def test_uploader_to_a_folder_and_failures_are_counted(tmp_path: Path, capsys: p
     bad.submit(checkpoint.ckpt_root(tmp_path / "run") / "step-000000002")
     assert bad.wait() == 1 and bad.failed == ["step-000000002"]
     assert "CHECKPOINT UPLOAD FAILED" in capsys.readouterr().err
+
+
+class _LiveEngine(_FakeEngine):
+    """Like DeepSpeed: writes through its checkpoint engine a state dict that references live tensors (a view
+    among them), which the training steps after a save change in place."""
+
+    def __init__(self) -> None:
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        self.checkpoint_engine = TorchCheckpointEngine()
+        self.w = torch.arange(1000, dtype=torch.float32)
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        Path(save_dir, tag).mkdir(parents=True, exist_ok=True)
+        self.checkpoint_engine.save({"w": self.w, "part": self.w[10:20], "lr": [0.1]},
+                                    os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
+
+
+def _gated(monkeypatch: pytest.MonkeyPatch, gate: threading.Event) -> None:
+    """Every file write of a save waits for `gate` (the writes are slow, training goes on meanwhile)."""
+    from waveforge.checkpoint import writer
+
+    for name in ("_write_torch", "_write_safetensors"):
+        original = getattr(writer, name)
+        monkeypatch.setattr(writer, name, lambda obj, path, f=original: (gate.wait(), f(obj, path))[1])
+
+
+def test_background_save_is_a_snapshot_published_only_once_durable(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    engines, ema = {"G": _LiveEngine(), "D": _LiveEngine()}, torch.nn.Linear(3, 3)
+    ema_at_save = {k: v.clone() for k, v in ema.state_dict().items()}
+    state = {"step": 1, "images": 10, "counts": [1, 2], "recipe": {"model": {}, "diffusion": {}}}
+    gate = threading.Event()
+    _gated(monkeypatch, gate)
+    saver = checkpoint.Saver(background=True)
+    path = saver.save(tmp_path, 1, engines, ema, state, keep_last=2)
+    # save() returned; the files are not written yet. Training changes every tensor in place.
+    for e in engines.values():
+        e.w.add_(1000)
+    with torch.no_grad():
+        ema.weight.mul_(-1)
+    state["counts"].append(3)
+    root = checkpoint.ckpt_root(tmp_path)
+    assert not path.exists() and not (root / "latest").exists()  # nothing published before the files are durable
+    gate.set()
+    saver.wait()
+    assert checkpoint.is_complete(path, hashes=True) and (root / "latest").read_text() == "step-000000001\n"
+    for tag in ("G", "D"):
+        saved = torch.load(path / tag / "mp_rank_00_model_states.pt", weights_only=True)
+        assert torch.equal(saved["w"], torch.arange(1000, dtype=torch.float32)) and saved["lr"] == [0.1]
+        assert torch.equal(saved["part"], torch.arange(10, 20, dtype=torch.float32))
+    got = safetensors.torch.load_file(str(path / "ema.safetensors"))
+    assert all(torch.equal(got[k], ema_at_save[k]) for k in ema_at_save)
+    assert checkpoint.read_state(path)["counts"] == [1, 2]
+    # the next save's snapshot reuses the first one's memory: it holds the new values
+    path2 = saver.save(tmp_path, 2, engines, ema, {**state, "step": 2}, keep_last=2)
+    engines["G"].w.zero_()
+    saver.wait()
+    saved = torch.load(path2 / "G" / "mp_rank_00_model_states.pt", weights_only=True)
+    assert torch.equal(saved["w"], torch.arange(1000, dtype=torch.float32) + 1000)
+    assert checkpoint.is_complete(path, hashes=True) and checkpoint.is_complete(path2, hashes=True)
+    saver.close()
+
+
+def test_a_background_failure_is_raised_by_the_next_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from waveforge.checkpoint import writer
+
+    def full_disk(obj: object, path: Path) -> dict:
+        raise OSError(28, "No space left on device")
+
+    saver = checkpoint.Saver(background=True)
+    kw = dict(keep_last=2)
+    state = {"step": 1, "images": 10, "recipe": {"model": {}, "diffusion": {}}}
+    with monkeypatch.context() as m:
+        m.setattr(writer, "_write_safetensors", full_disk)
+        saver.save(tmp_path, 1, {"G": _LiveEngine()}, torch.nn.Linear(2, 2), state, **kw)  # returns: writes go on
+        with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
+            saver.save(tmp_path, 2, {"G": _LiveEngine()}, torch.nn.Linear(2, 2), {**state, "step": 2}, **kw)
+    root = checkpoint.ckpt_root(tmp_path)
+    assert not list(root.glob("step-*")) and not (root / "latest").exists()
+    path = saver.save(tmp_path, 3, {"G": _LiveEngine()}, torch.nn.Linear(2, 2), {**state, "step": 3}, **kw)
+    saver.close()
+    assert checkpoint.is_complete(path, hashes=True) and not list(root.glob(".tmp-*"))
+
+
+def _wait_until(cond: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_upload_process_gets_no_secret_on_its_command_line_and_its_death_is_counted(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from waveforge.config import StorageConfig
+
+    secret = "wf-upload-secret-6b2d9e"
+    ck = _fake_save(tmp_path / "run", 1, keep_last=2)
+    up = checkpoint.Uploader(str(tmp_path / "remote"), StorageConfig(access_key="KEYID", secret_key=secret),
+                             retries=0, mb_s=0.001)  # 1 kB/s: still copying when it is killed
+    up.submit(ck)
+    _wait_until(lambda: up.pid is not None and up.startup_cpu_s > 0)
+    pid = up.pid
+    assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    assert secret not in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16]) == 19  # its nice value
+    os.kill(pid, signal.SIGKILL)
+    assert up.wait() == 1 and up.failed == ["step-000000001"] and up.pending() == set()
+    assert "CHECKPOINT UPLOAD FAILED" in capsys.readouterr().err
+    # the next checkpoint gets a new process
+    up.mb_s = 0.0
+    ck2 = _fake_save(tmp_path / "run", 2, keep_last=2)
+    up.submit(ck2)
+    assert up.wait() == 1 and checkpoint.is_complete(tmp_path / "remote" / "step-000000002", hashes=True)
+    assert up.close() == 1 and up.cpu_s > 0
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaked
+
+
+def test_upload_rate_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound holds on a fake clock: the copy of N bytes at R MB/s takes at least N / R (time only advances
+    in its sleeps), and about that (it does not sleep more than it must)."""
+    from types import SimpleNamespace
+
+    from waveforge.checkpoint import remote
+
+    clock = [0.0]
+    monkeypatch.setattr(remote, "time", SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter,
+                                                        sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
+    ck = _fake_save(tmp_path / "run", 1, keep_last=2)
+    sent = sum(f["size"] for f in checkpoint.read_manifest(ck)["files"].values())
+    sent += (ck / "manifest.json").stat().st_size
+    remote.upload(ck, str(tmp_path / "remote"), mb_s=0.01)
+    assert clock[0] == pytest.approx(sent / 1e4, rel=1e-6)
+    assert checkpoint.is_complete(tmp_path / "remote" / ck.name, hashes=True)
 
 
 # --------------------------------------------------------------------------------------------------

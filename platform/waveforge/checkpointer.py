@@ -8,11 +8,14 @@
 
 It decides which checkpoint a run continues from, refuses one whose recipe changes training (before any
 weight is loaded), verifies that the loaded weights are the saved ones (a checksum also across a reshard),
-assembles what a checkpoint holds, and owns the background upload to object storage.
+assembles what a checkpoint holds, and owns the background saving (checkpoint.background: an interval save
+returns after the snapshot; a "stop" or "final" save and `close` return once it is published) and the
+upload to object storage (a separate low-priority process, checkpoint.upload_mb_s).
 """
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -42,8 +45,10 @@ class Checkpointer:
     def __init__(self, cfg: Recipe, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         c = cfg.checkpoint
-        self.uploader = (checkpoint.Uploader(c.url, cfg.storage, keep_last=c.remote_keep_last)
+        self.uploader = (checkpoint.Uploader(c.url, cfg.storage, keep_last=c.remote_keep_last, mb_s=c.upload_mb_s,
+                                               nice=c.upload_nice)
                          if c.url and dist.rank() == 0 else None)
+        self.saver = checkpoint.Saver(background=c.background)
         self.source: Path | None = None
         self.notes: dict[str, str] = {}  # what the resume passed over and why (tags of the MLflow run)
 
@@ -98,14 +103,18 @@ class Checkpointer:
              extra: dict[str, Any], reason: str) -> Path:
         """COLLECTIVE: write and publish checkpoint `step` (upload queued in the background); `extra` is
         more of the trainer's state (plain data: the MLflow run id, the partial metrics interval, ...);
-        `loader` None: no data position (an imported state, whose run continues from the data's start)."""
+        `loader` None: no data position (an imported state, whose run continues from the data's start).
+        With checkpoint.background, returns after the snapshot unless `reason` is "stop" or "final" (then
+        once published: the job ends next); a failure of a background save is raised by the next save.
+        Returns the checkpoint's path (where it is, or will be once published)."""
         state = {"step": step, "images": images, "loader": loader.state_dict() if loader is not None else None,
                  "world": dist.world(),
                  "weights_checksum": weights_checksum(engines), "recipe": config.to_dict(self.cfg),
                  "code_version": runtime.code_version(), "reason": reason, **extra}
         c = self.cfg.checkpoint
-        return checkpoint.save(self.run_dir, step, engines, ema, state, keep_last=c.keep_last,
-                               milestone_every_images=c.milestone_every_images, uploader=self.uploader)
+        return self.saver.save(self.run_dir, step, engines, ema, state, keep_last=c.keep_last,
+                               milestone_every_images=c.milestone_every_images, uploader=self.uploader,
+                               wait=reason in ("stop", "final"))
 
     def newest(self) -> str:
         """The newest complete checkpoint of the run (what a resume would take), or "none"."""
@@ -116,11 +125,18 @@ class Checkpointer:
         """Where checkpoint `path` ends up: its object-storage URL when uploading, else the local folder."""
         return f"{self.cfg.checkpoint.url.rstrip('/')}/{path.name}" if self.cfg.checkpoint.url else str(path)
 
-    def close(self) -> int:
-        """Wait for queued uploads; the number that failed (0 without object storage)."""
+    def close(self, *, abort: bool | None = None) -> int:
+        """Wait until the last save is published (raising its failure), then for queued uploads; the number
+        of uploads that failed (0 without object storage). Not collective. abort (default: True when called
+        while an exception propagates, as in the trainer's error path): another rank may be dead, so rank 0
+        waits at most a minute for the other ranks' files of a save in flight, and a save's failure is
+        printed instead of raised; uploads still finish."""
+        if abort is None:
+            abort = sys.exc_info()[1] is not None
+        self.saver.close(abort=abort)
         if self.uploader is None:
             return 0
-        failed = self.uploader.wait()
+        failed = self.uploader.close()
         if failed:
             print(f"WARNING: {failed} checkpoint upload(s) to {self.cfg.checkpoint.url} failed; the local "
                   f"checkpoints in {checkpoint.ckpt_root(self.run_dir)} are complete", flush=True)

@@ -233,6 +233,9 @@ class CheckpointConfig:
     milestone_every_images: int = _field(0, at_least(0))  # also keep every checkpoint at multiples of this (0 = none)
     url: str = ""  # object-storage copy (s3://bucket/prefix/...; "" = local only); uploaded in the background
     remote_keep_last: int = _field(0, at_least(0, " (0 = keep all)"))  # kept at `url` (milestones always)
+    background: bool = True  # write and publish in background threads: training stalls only for the snapshot
+    upload_mb_s: float = _field(200.0, at_least(0, " (0 = unbounded)"))  # the upload process's bandwidth bound
+    upload_nice: int = _field(19, between(0, 19))  # the upload process's CPU priority (19 = lowest)
 
 
 @dataclass

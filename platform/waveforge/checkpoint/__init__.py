@@ -9,23 +9,27 @@ A checkpoint is one folder `RUN_DIR/checkpoints/step-000000123/`:
     G/, D/                   each DeepSpeed engine's own checkpoint (ZeRO partitions written by every rank)
     G_universal/, ...        (only after a resume on another world size) DeepSpeed's universal format, derived
 
-Publication is atomic: every rank writes under `checkpoints/.tmp-000000123/`, rank 0 checks and hashes the
-files (the hashing is spread over the ranks), writes the manifest, renames the folder to `step-...` and
-only then replaces the `latest` pointer file (temp file + fsync + os.replace). A process killed at any
-moment leaves the previous checkpoint loadable; `.tmp-*` leftovers are removed by the next save or resume.
-A checkpoint is complete iff its manifest exists and every file it lists has the listed size.
+Publication is atomic: every rank writes under `checkpoints/.tmp-000000123/` (its files in parallel, each
+hashed while written and fsynced) and leaves its files' sums next to it; rank 0, once every rank's sums are
+there, checks the files, writes the manifest, renames the folder to `step-...` and only then replaces the
+`latest` pointer file (temp file + fsync + os.replace). A process killed at any moment leaves the previous
+checkpoint loadable; `.tmp-*` leftovers are removed by the next save or resume. A checkpoint is complete
+iff its manifest exists and every file it lists has the listed size. `Saver(background=True)` returns
+from a save after a snapshot of the state and writes and publishes in background threads (see writer).
 
 Verification: before anything of a checkpoint is loaded (DeepSpeed unpickles its shards with
 weights_only=False), every file is checked against the manifest's size and sha256, the files split over the
 ranks (`verify`). A resume takes the newest candidate that verifies and says which ones it passed over
 (`resume_candidates`, `first_verified`, `find_resume`); export checks the files it reads and refuses
 non-finite weights. Modules: files (names, manifest, hashing, verification, RNG, plain state), writer
-(save), remote (upload, download), reader (resume, universal format, load), export.
+(save, Saver), remote (upload, download, Uploader), upload_worker (the upload process), reader (resume,
+universal format, load), export.
 
 Object storage: DeepSpeed writes local paths only, so a checkpoint is published locally first and then
-copied by `Uploader` (rank 0, one background thread) to `URL/step-.../`: the files, then the manifest
-(a remote checkpoint is complete iff its manifest exists), then `URL/latest`. The URL is used as given:
-it is the remote twin of `RUN_DIR/checkpoints/` (pass a per-run URL).
+copied by `Uploader` (rank 0; a separate low-priority process with a bandwidth bound, see upload_worker)
+to `URL/step-.../`: the files, then the manifest (a remote checkpoint is complete iff its manifest
+exists), then `URL/latest`. The URL is used as given: it is the remote twin of `RUN_DIR/checkpoints/`
+(pass a per-run URL).
 
 Call order in a trainer (every function marked COLLECTIVE is called by every rank):
 
@@ -33,9 +37,12 @@ Call order in a trainer (every function marked COLLECTIVE is called by every ran
     patch = ds_config_patch(ckpt, world) if ckpt else {}                 # COLLECTIVE; add to each DS config
     engines = {"G": deepspeed.initialize(...), "D": ...}
     state = load(ckpt, engines, ema) if ckpt else fresh                  # COLLECTIVE
-    uploader = Uploader(url, storage) if url and rank == 0 else None
-    ... save(run_dir, step, engines, ema, state, keep_last=..., uploader=uploader) ...  # COLLECTIVE
-    uploader.wait()                                                      # at the end; returns the error count
+    uploader = Uploader(url, storage, mb_s=...) if url and rank == 0 else None
+    saver = Saver(background=True)
+    ... saver.save(run_dir, step, engines, ema, state, keep_last=..., uploader=uploader) ...  # COLLECTIVE
+    saver.close(); uploader.close()                                      # at the end; close returns the error count
+
+(`save(...)`, the function, is a save that returns once published.)
 
 (`waveforge.checkpointer.Checkpointer` does all of this for the trainer.)
 
@@ -71,9 +78,10 @@ from waveforge.checkpoint.reader import (
     resume_candidates,
 )
 from waveforge.checkpoint.remote import Uploader, download, upload
-from waveforge.checkpoint.writer import save
+from waveforge.checkpoint.writer import Saver, save
 
-__all__ = ["EMA", "LATEST", "MANIFEST", "STATE", "CheckpointError", "Uploader", "ckpt_root", "complete_checkpoints",
+__all__ = ["EMA", "LATEST", "MANIFEST", "STATE", "CheckpointError", "Saver", "Uploader", "ckpt_root",
+           "complete_checkpoints",
            "download", "ds_config_patch", "export", "find_resume", "first_verified", "is_complete", "load",
            "needs_universal", "prepare_universal", "read_manifest", "read_state", "resume_candidates", "save",
            "step_name", "upload", "verify", "verify_files"]

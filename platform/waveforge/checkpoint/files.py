@@ -108,8 +108,10 @@ def verify_files(ckpt: Path, names: list[str] | None = None, threads: int = 0) -
         got = _hash_file(path, fsync=False)["sha256"]
         return "" if got == want["sha256"] else f"{rel}: sha256 {got[:12]}..., manifest says {want['sha256'][:12]}..."
 
+    order = sorted(names, key=lambda rel: -m["files"][rel]["size"])  # biggest first: the threads end together
     with ThreadPoolExecutor(threads or min(4, os.cpu_count() or 1)) as pool:
-        return [p for p in pool.map(check, names) if p]
+        found = dict(zip(order, pool.map(check, order), strict=True))
+    return [found[rel] for rel in names if found[rel]]
 
 
 def verify(ckpt: Path, names: list[str] | None = None) -> float:

@@ -1,17 +1,41 @@
 """Writing a checkpoint (COLLECTIVE): every rank its ZeRO partitions and RNG states, rank 0 the EMA and the
-trainer's state; hashes spread over the ranks; atomic publication (manifest, rename, `latest`); pruning."""
+trainer's state; atomic publication (manifest, rename, `latest`); pruning.
+
+How a save writes (`Saver`): each DeepSpeed engine gets a waveforge checkpoint engine for the duration of its
+`save_checkpoint` call, so DeepSpeed's `torch.save(state_dict, path)` calls become jobs of a small thread
+pool (files written in parallel, G and D alike). Every file is hashed while it is written (sha256 of the
+bytes as they go to disk, no second read pass) and fsynced once. In the background mode the state is first
+snapshot (each tensor's storage copied to CPU memory, the "device-to-host copy": ZeRO's optimizer state
+dict references the live fp32 partitions and Adam moments the next step changes in place) and `save`
+returns; the writing, the per-rank sums file and rank 0's publication continue in background threads.
+
+Publication happens only after every rank's files are durable: each rank writes `rank-R.json` (its files'
+sizes and sha256) into the save's sums folder once its own files are fsynced, or `rank-R.error` when its
+writing failed; rank 0 waits for one of the two from every rank (the run folder is shared between nodes;
+no collective runs in a background thread), then writes the manifest, renames `.tmp-N` to `step-N`, points
+`latest` at it, prunes and queues the upload. A process killed at any moment leaves the previous checkpoint
+loadable. A failure in the background is raised on every rank by the next `save` (and by `close`).
+"""
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors.torch
 import torch
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
 from waveforge import dist
 from waveforge.checkpoint.files import (
@@ -38,100 +62,421 @@ from waveforge.checkpoint.files import (
 )
 from waveforge.checkpoint.remote import Uploader
 
+WRITE_THREADS = 4  # files written at once per rank (writes and sha256 release the GIL)
+CHUNK = 8 << 20  # bytes per write (and per hashed piece) of a big record
+POLL_S = 0.02  # rank 0's publisher looks for the other ranks' sums files this often
+ABORT_WAIT_S = 60.0  # after an error elsewhere, how long rank 0 still waits for the other ranks' files
+
+
+# --------------------------------------------------------------------------------------------------
+# Snapshots and hashed writes
+# --------------------------------------------------------------------------------------------------
+
+
+class _Buffers:
+    """CPU memory for snapshots, kept from one save to the next (pinned on a CUDA machine): a snapshot copies
+    into pages already mapped instead of fresh allocations, which the first touch makes several times slower
+    than the copy itself. Holds one snapshot's worth of memory between saves."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[torch.UntypedStorage]] = {}
+        self._used: list[torch.UntypedStorage] = []
+
+    def copy(self, src: torch.UntypedStorage) -> torch.UntypedStorage:
+        """A CPU copy of `src` (the device-to-host copy on a GPU)."""
+        n = src.nbytes()
+        free = self._free.get(n)
+        dst = free.pop() if free else torch.empty(n, dtype=torch.uint8,
+                                                  pin_memory=torch.cuda.is_available()).untyped_storage()
+        self._used.append(dst)
+        torch.empty(0, dtype=torch.uint8).set_(dst).copy_(
+            torch.empty(0, dtype=torch.uint8, device=src.device).set_(src))
+        return dst
+
+    def recycle(self) -> None:
+        """The last snapshot is written: its memory serves the next one (memory it did not use is freed)."""
+        self._free = {}
+        for b in self._used:
+            self._free.setdefault(b.nbytes(), []).append(b)
+        self._used = []
+
+
+def _snapshot(obj: Any, buffers: _Buffers, memo: dict[int, torch.UntypedStorage] | None = None) -> Any:
+    """A copy of `obj` that later training steps cannot change: every tensor's whole storage copied to CPU
+    memory once (views of one storage stay views of one copy, so torch.save writes what it would have
+    written from the originals), dicts/lists/tuples rebuilt, other objects deep-copied."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        src = obj.untyped_storage()
+        key = src.data_ptr() if src.nbytes() else id(obj)
+        if key not in memo:
+            memo[key] = buffers.copy(src)
+        out = torch.empty(0, dtype=obj.dtype).set_(memo[key], obj.storage_offset(), obj.size(), obj.stride())
+        return torch.nn.Parameter(out, obj.requires_grad) if isinstance(obj, torch.nn.Parameter) else out
+    if isinstance(obj, dict):
+        out_d = copy.copy(obj)  # keeps the type (OrderedDict, ...)
+        for k, v in obj.items():
+            out_d[k] = _snapshot(v, buffers, memo)
+        return out_d
+    if isinstance(obj, list):
+        return [_snapshot(v, buffers, memo) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_snapshot(v, buffers, memo) for v in obj)
+    if isinstance(obj, (str, bytes, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)):
+        return obj
+    return copy.deepcopy(obj)
+
+
+class _HashingFile:
+    """The file object torch.save writes through: every byte goes to disk and into a sha256. A big record (a
+    tensor's storage) goes in CHUNK pieces, each hashed by a helper thread while this one writes it (hashlib
+    and the write both release the GIL): the hash costs no time of its own, and the kernel takes pieces of
+    this size about twice as fast as one write of a whole 100 MB storage."""
+
+    def __init__(self, raw: BinaryIO, hasher: ThreadPoolExecutor) -> None:
+        self.raw, self.sha, self.hasher = raw, hashlib.sha256(), hasher
+
+    def write(self, data: Any) -> int:
+        mv = memoryview(data).cast("B")
+        if len(mv) <= CHUNK:
+            self.sha.update(mv)
+            self.raw.write(mv)
+            return len(mv)
+        for i in range(0, len(mv), CHUNK):
+            piece = mv[i:i + CHUNK]
+            hashed = self.hasher.submit(self.sha.update, piece)  # done before write() returns: `data` lives
+            self.raw.write(piece)
+            hashed.result()
+        return len(mv)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def _write_torch(obj: Any, path: Path) -> dict[str, Any]:
+    """torch.save `obj` to `path`, hashed while written and fsynced; its manifest entry (size, sha256)."""
+    with open(path, "wb") as raw, ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as hasher:
+        f = _HashingFile(raw, hasher)
+        torch.save(obj, f)
+        raw.flush()
+        os.fsync(raw.fileno())
+        size = raw.tell()
+    return {"size": size, "sha256": f.sha.hexdigest()}
+
+
+class _StateDictOf:
+    """What safetensors.torch.save_model needs of a module (its state_dict), from a snapshot."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self._sd = state_dict
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self._sd)
+
+
+def _write_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    """The EMA as safetensors (safetensors writes the file itself: hashed from the page cache, fsynced)."""
+    safetensors.torch.save_model(_StateDictOf(state_dict), str(path))  # type: ignore[arg-type]
+    return _hash_file(path)
+
+
+class _CaptureEngine(CheckpointEngine):
+    """A DeepSpeed checkpoint engine that hands each file of `save_checkpoint` to the saver's pool (a
+    snapshot of it in the background mode). Installed on an engine only for the duration of one save."""
+
+    def __init__(self, add: Callable[[str, Any], None]) -> None:
+        super().__init__()
+        self.name = "WaveforgeCaptureEngine"
+        self._add = add
+
+    def create(self, info: CheckpointCommitInfo) -> None:
+        pass
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self._add(path, state_dict)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+    def commit(self, info: CheckpointCommitInfo) -> bool:
+        return True
+
+
+# --------------------------------------------------------------------------------------------------
+# One save of one rank
+# --------------------------------------------------------------------------------------------------
+
+
+class _Save:
+    """This rank's part of one checkpoint: its files' write jobs, then its sums (or error) file, then on rank 0
+    the publication."""
+
+    def __init__(self, pool: ThreadPoolExecutor, tmp: Path, sums_dir: Path, buffers: _Buffers | None) -> None:
+        self.pool, self.tmp, self.sums_dir, self.buffers = pool, tmp, sums_dir, buffers
+        self.jobs: dict[str, Future[dict[str, Any]]] = {}
+        self._later: list[tuple[str, Callable[..., dict[str, Any]], Any]] = []
+        self._memo: dict[int, torch.UntypedStorage] = {}
+
+    def add(self, rel: str, fn: Callable[..., dict[str, Any]], obj: Any) -> None:
+        """Write `obj` to `rel` with `fn`: at once (the caller waits for the save), or, for a snapshot, once
+        `start` is called: writing while the rest is copied would lengthen the copy the training waits for."""
+        if rel in self.jobs or rel in {r for r, _, _ in self._later}:
+            raise CheckpointError(f"{self.tmp / rel} is written twice in one save")
+        if self.buffers is not None:
+            self._later.append((rel, fn, _snapshot(obj, self.buffers, self._memo)))
+        else:
+            self.jobs[rel] = self.pool.submit(fn, obj, self.tmp / rel)
+
+    def start(self) -> None:
+        """Start writing the snapshot's files."""
+        self._memo.clear()
+        for rel, fn, obj in self._later:
+            self.jobs[rel] = self.pool.submit(fn, obj, self.tmp / rel)
+        self._later.clear()
+
+    def add_path(self, path: str, obj: Any) -> None:
+        self.add(Path(path).relative_to(self.tmp).as_posix(), _write_torch, obj)
+
+    def finish_rank(self) -> None:
+        """Wait for this rank's files; leave their sums (or the error) where rank 0 looks for them."""
+        try:
+            sums = {rel: job.result() for rel, job in self.jobs.items()}
+        except BaseException as e:
+            _leave_error(self.sums_dir, e)
+            raise
+        _write_atomic(self.sums_dir / f"rank-{dist.rank():05d}.json", json.dumps(sums).encode())
+
+
+def _leave_error(sums_dir: Path, e: BaseException) -> None:
+    """This rank's writing failed: say so where rank 0's publisher looks (best effort: it may be the disk)."""
+    path = sums_dir / f"rank-{dist.rank():05d}.error"
+    if sums_dir.is_dir() and not path.exists():
+        try:
+            _write_atomic(path, f"{type(e).__name__}: {e}".encode())
+        except OSError:
+            pass
+
+
+def _gather_sums(sums_dir: Path, world: int, abort: threading.Event) -> dict[str, Any]:
+    """Rank 0: every rank's sums, waiting for each rank's file; CheckpointError when a rank failed (its
+    error file) or, once `abort` is set (this process is failing), when one did not answer in ABORT_WAIT_S."""
+    all_sums: dict[str, Any] = {}
+    deadline: float | None = None
+    for r in range(world):
+        ok, bad = sums_dir / f"rank-{r:05d}.json", sums_dir / f"rank-{r:05d}.error"
+        while not ok.is_file():
+            if bad.is_file():
+                raise CheckpointError(f"rank {r} could not write its checkpoint files: {bad.read_text()}")
+            if abort.is_set():
+                deadline = deadline or time.monotonic() + ABORT_WAIT_S
+                if time.monotonic() > deadline:
+                    raise CheckpointError(f"rank {r} did not finish writing its checkpoint files")
+            time.sleep(POLL_S)
+        all_sums.update(json.loads(ok.read_text()))
+    return all_sums
+
+
+def _publish(tmp: Path, final: Path, step: int, state: dict[str, Any], engines: dict[str, int], world: int,
+             all_sums: dict[str, Any], keep_last: int, milestone_every_images: int, uploader: Uploader | None
+             ) -> None:
+    """Rank 0, once every rank's files are durable: check, write the manifest, rename, `latest`, upload, prune.
+    engines: {tag: zero stage}."""
+    root = tmp.parent
+    files = _list_files(tmp)
+    lost = sorted(set(all_sums) - set(files))
+    for rel in files:  # written outside the pool (DeepSpeed's zero_to_fp32.py): hashed and fsynced here
+        if rel not in all_sums:
+            all_sums[rel] = _hash_file(tmp / rel)
+    missing = [f"rng/rank-{r:05d}.pt" for r in range(world) if f"rng/rank-{r:05d}.pt" not in all_sums]
+    missing += [t for t in engines if t not in {f.split("/")[0] for f in files}]
+    if lost or missing:
+        raise CheckpointError(f"checkpoint {tmp} is incomplete after every rank wrote: missing {lost + missing}")
+    previous = complete_checkpoints(root)
+    images = int(state.get("images", 0))
+    milestone = False
+    if milestone_every_images > 0:
+        prev = [p for p in previous if _step_of(p.name) < step]
+        prev_images = int(read_manifest(prev[-1]).get("images", 0)) if prev else 0
+        milestone = images // milestone_every_images > prev_images // milestone_every_images
+    manifest = {
+        "format": FORMAT, "version": VERSION, "step": step, "images": images, "world": world,
+        "engines": {t: {"zero_stage": stage} for t, stage in engines.items()},
+        "milestone": milestone, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "files": dict(sorted(all_sums.items())),
+    }
+    for sub in [p for p in tmp.rglob("*") if p.is_dir()]:
+        _fsync_dir(sub)  # the files' names are durable too (their data was fsynced when written)
+    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    if final.exists():  # re-saving a step (a resume from an older checkpoint): replace it
+        _delete_checkpoint(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    _write_atomic(root / LATEST, (final.name + "\n").encode())
+    if uploader is not None:
+        uploader.submit(final)
+    _prune(root, keep_last, busy=uploader.pending() if uploader is not None else set())
+
+
+# --------------------------------------------------------------------------------------------------
+# The saver
+# --------------------------------------------------------------------------------------------------
+
+
+class Saver:
+    """Saves the checkpoints of one run (every rank has one; `save` is COLLECTIVE).
+
+    background=False: `save` returns once the checkpoint is published. background=True: `save` returns
+    after the snapshot (the training loop's stall); writing, hashing, fsync and publication go on in
+    background threads. A save first waits for the previous one; `wait` (COLLECTIVE) waits for the last
+    one to be published and raises its failure on every rank; `close` waits and stops the threads.
+    """
+
+    def __init__(self, *, background: bool = False, threads: int = WRITE_THREADS) -> None:
+        self.background = background
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="checkpoint-write")
+        self._finisher: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._abort = threading.Event()
+        self._buffers = _Buffers()
+
+    def save(self, run_dir: Path, step: int, engines: dict[str, Any], ema: torch.nn.Module, state: dict[str, Any],
+             *, keep_last: int, milestone_every_images: int = 0, uploader: Uploader | None = None,
+             wait: bool = False) -> Path:
+        """COLLECTIVE: write checkpoint `step-<step>` of `run_dir` and publish it (in the background unless
+        `wait` or background=False); return its path (where it will be) on every rank.
+
+        engines: {"G": engine, "D": engine} (names become the engines' folders); ema: the EMA module (identical
+        on every rank; rank 0 writes it); state: the trainer's dict (plain data: see _check_plain), which must
+        hold "images" when milestone_every_images > 0. After publication, keeps the newest `keep_last`
+        complete checkpoints plus milestones (the first checkpoint at or after every multiple of
+        milestone_every_images images) and deletes the others (not those still queued for upload).
+        uploader: rank 0's Uploader when checkpoints are copied to object storage (None on the other ranks).
+        """
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last}: must be >= 1")
+        if milestone_every_images > 0 and "images" not in state:
+            raise ValueError("milestone_every_images needs state['images']")
+        _check_plain(state)
+        self.wait()
+        rank, world = dist.rank(), dist.world()
+        root = ckpt_root(run_dir)
+        tmp = root / f".tmp-{step:09d}"
+        sums_dir = root / f".tmp-{step:09d}-sums"  # outside tmp: its listing holds only the checkpoint's files
+        final = root / step_name(step)
+
+        def prepare() -> None:  # a fresh temporary folder (leftovers of interrupted saves removed first)
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(root)
+            (tmp / "rng").mkdir(parents=True)
+            sums_dir.mkdir()
+
+        dist.on_rank0(prepare)
+        job = _Save(self._pool, tmp, sums_dir, self._buffers if self.background and not wait else None)
+        try:
+            for tag, engine in engines.items():
+                original = getattr(engine, "checkpoint_engine", None)  # None: not a DeepSpeed engine (tests)
+                if original is not None and original.is_decoupled():
+                    raise CheckpointError(f"engine {tag}: DeepSpeed's decoupled checkpoint writer is not supported "
+                                          "(waveforge writes in the background itself)")
+                if original is not None:
+                    engine.checkpoint_engine = _CaptureEngine(job.add_path)
+                try:
+                    engine.save_checkpoint(str(tmp), tag=tag, client_state={}, save_latest=False)
+                finally:
+                    if original is not None:
+                        engine.checkpoint_engine = original
+            job.add(f"rng/rank-{rank:05d}.pt", _write_torch, _rng_state())
+            if rank == 0:
+                job.add(EMA, _write_safetensors, ema.state_dict())
+                job.add(STATE, _write_torch, state)
+        except BaseException as e:
+            for f in job.jobs.values():
+                f.exception()
+            _leave_error(sums_dir, e)  # rank 0 must not wait for this rank's files
+            if job.buffers is not None:
+                job.buffers.recycle()
+            raise
+        job.start()
+        stages = {t: int(e.zero_optimization_stage()) for t, e in engines.items()}
+
+        def publish() -> None:
+            all_sums = _gather_sums(sums_dir, world, self._abort)
+            shutil.rmtree(sums_dir)
+            _publish(tmp, final, step, state, stages, world, all_sums, keep_last, milestone_every_images, uploader)
+
+        def run() -> None:
+            job.finish_rank()
+            if rank == 0:
+                publish()
+
+        if self.background and not wait:
+            self._finisher = threading.Thread(target=self._finish, args=(job, run, final), daemon=True,
+                                              name="checkpoint-finish")
+            self._finisher.start()
+        else:
+            self._finish(job, run, final)
+            self.wait()
+        return final
+
+    def _finish(self, job: _Save, run: Callable[[], None], final: Path) -> None:
+        try:
+            try:
+                run()
+            finally:
+                for f in job.jobs.values():  # nothing of this save still writes when it is over
+                    f.exception()
+                if job.buffers is not None:
+                    job.buffers.recycle()
+        except BaseException as e:  # noqa: BLE001 - kept, raised on every rank by the next save/wait/close
+            if not isinstance(e, CheckpointError):
+                e = CheckpointError(f"saving checkpoint {final.name} failed: {type(e).__name__}: {e}")
+            self._error = self._error or e
+            if dist.rank() != 0:
+                _leave_error(job.sums_dir, e)
+
+    def _join(self) -> None:
+        if self._finisher is not None:
+            self._finisher.join()
+            self._finisher = None
+
+    def wait(self) -> None:
+        """COLLECTIVE: wait until the last save is published (its own files on every rank, the publication
+        on rank 0); raise on every rank when it failed anywhere."""
+        self._join()
+        mine, self._error = self._error, None
+        errors = dist.gather_object(str(mine) if mine is not None else "")
+        failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+        if failed:
+            if mine is not None and len(failed) == 1:
+                raise mine
+            raise CheckpointError(f"a checkpoint save failed: {'; '.join(failed)}")
+
+    def close(self, *, abort: bool = False) -> None:
+        """Wait for the last save and stop the threads. Not collective: a rank's own failure is raised. With
+        abort (this rank is failing anyway), rank 0 waits at most ABORT_WAIT_S for the other ranks' files
+        and publishes only when they all arrived; errors are printed, not raised."""
+        if abort:
+            self._abort.set()
+        self._join()
+        self._pool.shutdown(wait=True)
+        mine, self._error = self._error, None
+        if mine is not None:
+            if abort:
+                print(f"checkpoint: {mine}", file=sys.stderr, flush=True)
+            else:
+                raise mine
+
 
 def save(run_dir: Path, step: int, engines: dict[str, Any], ema: torch.nn.Module, state: dict[str, Any], *,
          keep_last: int, milestone_every_images: int = 0, uploader: Uploader | None = None) -> Path:
-    """COLLECTIVE: write and publish checkpoint `step-<step>` of `run_dir`; return its path on every rank.
-
-    engines: {"G": engine, "D": engine} (names become the engines' folders); ema: the EMA module (identical
-    on every rank; rank 0 writes it); state: the trainer's dict (plain data: see _check_plain), which must
-    hold "images" when milestone_every_images > 0. After publication, keeps the newest `keep_last`
-    complete checkpoints plus milestones (the first checkpoint at or after every multiple of
-    milestone_every_images images) and deletes the others (not those still queued for upload).
-    uploader: rank 0's Uploader when checkpoints are copied to object storage (its url); the upload runs in
-    the background (None on the other ranks, and without object storage).
-    """
-    if keep_last < 1:
-        raise ValueError(f"keep_last={keep_last}: must be >= 1")
-    if milestone_every_images > 0 and "images" not in state:
-        raise ValueError("milestone_every_images needs state['images']")
-    _check_plain(state)
-    rank, world = dist.rank(), dist.world()
-    root = ckpt_root(run_dir)
-    name = step_name(step)
-    tmp = root / f".tmp-{step:09d}"
-    sums_dir = root / f".tmp-{step:09d}-sums"  # outside tmp: ranks may still list tmp while others write
-
-    # 1. A fresh temporary folder (rank 0 clears leftovers of interrupted saves first).
-    def prepare() -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(root)
-        (tmp / "rng").mkdir(parents=True)
-        sums_dir.mkdir()
-
-    dist.on_rank0(prepare)
-
-    # 2. Every rank writes: the engines' ZeRO partitions (DeepSpeed barriers inside), its RNG states;
-    #    rank 0 also the EMA and the state.
-    for tag, engine in engines.items():
-        engine.save_checkpoint(str(tmp), tag=tag, client_state={}, save_latest=False)
-    torch.save(_rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
-    if rank == 0:
-        safetensors.torch.save_model(ema, str(tmp / EMA))
-        torch.save(state, tmp / STATE)
-    dist.barrier()
-
-    # 3. Hash (and fsync) the files, spread over the ranks; each rank leaves its share in a sums file.
-    files = _list_files(tmp)
-    sums = {rel: _hash_file(tmp / rel) for rel in files[rank::world]}
-    _write_atomic(sums_dir / f"rank-{rank:05d}.json", json.dumps(sums).encode())
-    dist.barrier()
-
-    # 4. Rank 0 checks, writes the manifest, publishes, points `latest` at it, prunes, queues the upload.
-    final = root / name
-
-    def publish() -> None:
-        all_sums: dict[str, Any] = {}
-        for r in range(world):
-            all_sums.update(json.loads((sums_dir / f"rank-{r:05d}.json").read_text()))
-        shutil.rmtree(sums_dir)
-        missing = [f"rng/rank-{r:05d}.pt" for r in range(world) if f"rng/rank-{r:05d}.pt" not in all_sums]
-        if sorted(all_sums) != files or missing or not all(t in {f.split("/")[0] for f in files} for t in engines):
-            raise CheckpointError(f"checkpoint {tmp} is incomplete after every rank wrote: "
-                                  f"missing {missing or sorted(set(files) - set(all_sums))}")
-        previous = complete_checkpoints(root)
-        images = int(state.get("images", 0))
-        milestone = False
-        if milestone_every_images > 0:
-            prev = [p for p in previous if _step_of(p.name) < step]
-            prev_images = int(read_manifest(prev[-1]).get("images", 0)) if prev else 0
-            milestone = images // milestone_every_images > prev_images // milestone_every_images
-        manifest = {
-            "format": FORMAT, "version": VERSION, "step": step, "images": images, "world": world,
-            "engines": {t: {"zero_stage": int(e.zero_optimization_stage())} for t, e in engines.items()},
-            "milestone": milestone, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "files": all_sums,
-        }
-        for sub in [p for p in tmp.rglob("*") if p.is_dir()]:
-            _fsync_dir(sub)  # the files' names are durable too (their data was fsynced when hashed)
-        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        if final.exists():  # re-saving a step (a resume from an older checkpoint): replace it
-            _delete_checkpoint(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / LATEST, (name + "\n").encode())
-        if uploader is not None:
-            uploader.submit(final)
-        _prune(root, keep_last, busy=uploader.pending() if uploader is not None else set())
-
-    def publish_or_explain() -> None:
-        try:
-            publish()
-        except OSError as e:
-            raise CheckpointError(f"saving checkpoint {name} failed: {type(e).__name__}: {e}") from e
-
-    dist.on_rank0(publish_or_explain)  # every rank learns of a failure, none waits for rank 0
-    return final
+    """COLLECTIVE: write and publish checkpoint `step-<step>` of `run_dir` (files written in parallel, hashed
+    while written); returns once it is published, its path on every rank. See `Saver.save`."""
+    saver = Saver(background=False)
+    try:
+        return saver.save(run_dir, step, engines, ema, state, keep_last=keep_last,
+                          milestone_every_images=milestone_every_images, uploader=uploader)
+    finally:
+        saver.close()
 
 
 def _prune(root: Path, keep_last: int, busy: set[str]) -> list[str]:
@@ -144,4 +489,3 @@ def _prune(root: Path, keep_last: int, busy: set[str]) -> list[str]:
         _delete_checkpoint(p)
         removed.append(p.name)
     return removed
-

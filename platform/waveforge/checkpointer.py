@@ -9,8 +9,9 @@
 It decides which checkpoint a run continues from, refuses one whose recipe changes training (before any
 weight is loaded), verifies that the loaded weights are the saved ones (a checksum also across a reshard),
 assembles what a checkpoint holds, and owns the background saving (checkpoint.background: an interval save
-returns after the snapshot; a "stop" or "final" save and `close` return once it is published) and the
-upload to object storage (a separate low-priority process, checkpoint.upload_mb_s).
+returns after the snapshot; every other save, e.g. a stop's, the final one, an import's, and `close` return
+once it is published) and the upload to object storage (a separate low-priority process,
+checkpoint.upload_mb_s).
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ class Checkpointer:
         """COLLECTIVE: write and publish checkpoint `step` (upload queued in the background); `extra` is
         more of the trainer's state (plain data: the MLflow run id, the partial metrics interval, ...);
         `loader` None: no data position (an imported state, whose run continues from the data's start).
-        With checkpoint.background, returns after the snapshot unless `reason` is "stop" or "final" (then
-        once published: the job ends next); a failure of a background save is raised by the next save.
+        With checkpoint.background, an "interval" save returns after the snapshot; any other `reason` ("stop",
+        "final", "imported": the process ends soon after) once published; a failure of a background save is
+        raised by the next save.
         Returns the checkpoint's path (where it is, or will be once published)."""
         state = {"step": step, "images": images, "loader": loader.state_dict() if loader is not None else None,
                  "world": dist.world(),
@@ -114,7 +116,7 @@ class Checkpointer:
         c = self.cfg.checkpoint
         return self.saver.save(self.run_dir, step, engines, ema, state, keep_last=c.keep_last,
                                milestone_every_images=c.milestone_every_images, uploader=self.uploader,
-                               wait=reason in ("stop", "final"))
+                               wait=reason != "interval")
 
     def newest(self) -> str:
         """The newest complete checkpoint of the run (what a resume would take), or "none"."""

@@ -139,11 +139,11 @@ def import_reference(cfg: Recipe, checkpoint: str, out: str, bands: str | None =
                                   patch={})
     set_training_state(engines["G"], state.generator, state.optimizer_g, state.global_step)
     set_training_state(engines["D"], state.discriminator, state.optimizer_d, state.global_step)
-    path = Checkpointer(run_cfg, Path(out)).save(step=state.global_step, images=state.images, engines=engines,
-                                                 ema=ema.to(device), loader=None,
-                                                 extra={"run_id": None, "interval": None,
-                                                        "imported_from": str(checkpoint), "epoch": state.epoch},
-                                                 reason="imported")
+    checkpointer = Checkpointer(run_cfg, Path(out))
+    path = checkpointer.save(step=state.global_step, images=state.images, engines=engines, ema=ema.to(device),
+                             loader=None, extra={"run_id": None, "interval": None, "imported_from": str(checkpoint),
+                                                 "epoch": state.epoch}, reason="imported")
+    checkpointer.close()
     runtime.shutdown()
     return {**summary, "checkpoint": str(path)}
 

@@ -35,7 +35,6 @@ from typing import Any, BinaryIO
 
 import safetensors.torch
 import torch
-from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
 from waveforge import dist
 from waveforge.checkpoint.files import (
@@ -180,25 +179,50 @@ def _write_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> dict[
     return _hash_file(path)
 
 
-class _CaptureEngine(CheckpointEngine):
+class _CaptureEngine:
     """A DeepSpeed checkpoint engine that hands each file of `save_checkpoint` to the saver's pool (a
-    snapshot of it in the background mode). Installed on an engine only for the duration of one save."""
+    snapshot of it in the background mode). Installed on an engine only for the duration of one save.
+
+    It implements the interface of DeepSpeed's `CheckpointEngine` (deepspeed.runtime.checkpoint_engine, which
+    engines only call, never type-check) without importing DeepSpeed: the jobs that only read checkpoints
+    (evaluate, sample, export) and the upload process do not load it."""
+
+    name = "WaveforgeCaptureEngine"
 
     def __init__(self, add: Callable[[str, Any], None]) -> None:
-        super().__init__()
-        self.name = "WaveforgeCaptureEngine"
         self._add = add
 
-    def create(self, info: CheckpointCommitInfo) -> None:
+    def create(self, info: Any) -> None:
         pass
 
     def save(self, state_dict: Any, path: str) -> None:
         self._add(path, state_dict)
 
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
     def load(self, path: str, map_location: Any = None) -> Any:
         return torch.load(path, map_location=map_location, weights_only=False)
 
-    def commit(self, info: CheckpointCommitInfo) -> bool:
+    def commit(self, info: Any) -> bool:
+        return True
+
+    def is_data_parallel_writer(self, dp_rank: int) -> bool:
+        return dp_rank == 0
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def set_commit_info(self, info: Any) -> None:
+        pass
+
+    def get_commit_info(self) -> None:
+        return None
+
+    def cleanup(self) -> None:
+        pass
+
+    def preserves_storage_sharing(self) -> bool:
         return True
 
 

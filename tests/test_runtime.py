@@ -15,7 +15,7 @@ from waveforge import runtime
 REPO = Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent('''
-    import json, sys
+    import json, os, sys
     import torch.distributed as tdist
     from waveforge import dist
 
@@ -39,7 +39,7 @@ WORKER = textwrap.dedent('''
     out["first"] = dist.rank0_first(lambda: box.append(dist.rank()) or len(box))
     out["any"] = dist.any_rank(dist.rank() == 1)
     out["all"] = dist.all_ranks(dist.rank() == 1)
-    print("RESULT " + json.dumps(out), flush=True)
+    os.write(1, ("RESULT " + json.dumps(out) + "\n").encode())  # one write: the ranks' lines never interleave
     tdist.destroy_process_group()
 ''')
 

@@ -39,7 +39,7 @@ WORKER = textwrap.dedent('''
     out["first"] = dist.rank0_first(lambda: box.append(dist.rank()) or len(box))
     out["any"] = dist.any_rank(dist.rank() == 1)
     out["all"] = dist.all_ranks(dist.rank() == 1)
-    os.write(1, ("RESULT " + json.dumps(out) + "\n").encode())  # one write: the ranks' lines never interleave
+    os.write(1, ("RESULT " + json.dumps(out) + "\\n").encode())  # one write: the ranks' lines never interleave
     tdist.destroy_process_group()
 ''')
 

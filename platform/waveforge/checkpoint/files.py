@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -185,11 +186,17 @@ def _remove_leftovers(root: Path, keep: str = "") -> None:
                 p.unlink(missing_ok=True)
 
 
-def _delete_checkpoint(ckpt: Path) -> None:
-    """Remove a checkpoint folder atomically (rename aside first, so it never looks half deleted)."""
+def _delete_checkpoint(ckpt: Path, remove: Callable[[Path], Any] | None = None) -> None:
+    """Remove a checkpoint folder atomically: renamed aside first (a `.tmp-` name: never half deleted, never
+    listed, and removed with the leftovers if its removal is interrupted), then removed by `remove` (default:
+    at once; e.g. a background thread's queue, since freeing the pages of large files takes a while)."""
     aside = ckpt.with_name(f".tmp-delete-{ckpt.name}-{os.getpid()}")
     os.rename(ckpt, aside)
-    shutil.rmtree(aside, ignore_errors=True)
+    (remove or _rmtree)(aside)
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------

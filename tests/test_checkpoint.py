@@ -205,7 +205,7 @@ def _check_invariants(run_dir: Path) -> int:
     return checkpoint.read_manifest(folders[-1])["step"] if folders else 0
 
 
-def _wait_for(cond, procs: list[subprocess.Popen], timeout: float = 120) -> None:
+def _wait_for(cond, procs: list[subprocess.Popen], timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:

@@ -13,6 +13,7 @@ shares in rank order (the loader gives rank r the r-th contiguous slice, see `wa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterable
@@ -21,7 +22,7 @@ from typing import IO
 
 from waveforge import config, dist
 from waveforge.config import Recipe, UserError
-from waveforge.data.loader import ShardLoader
+from waveforge.data.loader import from_config
 
 FOLDER = "data-order"
 _ATTEMPT = re.compile(r"attempt-(\d+)$")
@@ -130,12 +131,11 @@ def compare(recorded: dict[int, list[str]], planned: list[list[str]]) -> list[st
 
 
 def planned_batches(cfg: Recipe, steps: int) -> list[list[str]]:
-    """The keys of the global batches of steps 0..steps-1 that recipe `cfg`'s data order plans (read in
-    this process, as one rank: the order is the same for any number of ranks)."""
-    d = cfg.data
-    loader = ShardLoader(d.url, global_batch=cfg.train.batch_size, rank=0, world=1, seed=cfg.run.seed, hflip=False,
-                         num_workers=0, cache_dir=d.cache_dir, on_error=d.on_error, retries=d.retries,
-                         storage=cfg.storage, resolution=cfg.model.resolution, shuffle_window=d.shuffle_buffer)
+    """The keys of the global batches of steps 0..steps-1 that recipe `cfg`'s data order plans: the training
+    loader itself (`from_config`), read in this process as the only rank (the order is the same for any
+    number of ranks)."""
+    loader = from_config(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0)), rank=0,
+                         world=1, grad_accum=1)
     try:
         return [[k for mb in loader.next_step() for k in mb["key"]] for _ in range(steps)]
     finally:

@@ -21,32 +21,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from test_submit import _in_queue, _job_env, _rows, _wait  # the Slurm tests' helpers
 
 from waveforge import config, data, submit
 from waveforge.data import audit
 
 RANKS = int(os.environ.get("WAVEFORGE_REHEARSAL_RANKS", "8"))
 STEPS = int(os.environ.get("WAVEFORGE_REHEARSAL_STEPS", "64"))
-
-
-def _wait(predicate, timeout: float, what: str, job_id: str) -> None:  # noqa: ANN001
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if predicate():
-            return
-        time.sleep(0.5)
-    queue = subprocess.run(["squeue", "-j", job_id], capture_output=True, text=True).stdout
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{queue}")
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
-def _in_queue(job_id: str) -> bool:
-    r = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, timeout=60)
-    return r.returncode == 0 and bool(r.stdout.strip())
 
 
 def _scontrol(*args: str) -> None:
@@ -63,12 +44,7 @@ def test_preemption_rehearsal_beyond_two_ranks(slurm_two_nodes, s3_server, mlflo
                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     t_start = time.time()
     shm_before = _shm()
-    for k, v in {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-                 "AWS_ENDPOINT_URL": s3_server.endpoint_url, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-                 "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                        str(Path.home() / ".cache/waveforge/torch_extensions"))
-                 }.items():
-        monkeypatch.setenv(k, v)  # what the Slurm job inherits from the submitting environment
+    _job_env(s3_server, monkeypatch)  # what the Slurm job inherits from the submitting environment
     scfg = config.StorageConfig(endpoint_url=s3_server.endpoint_url, access_key=s3_server.access_key,
                                 secret_key=s3_server.secret_key)
     shards = s3_server.make_bucket(f"rehearsal-{uuid.uuid4().hex[:8]}") + "/tiny32"

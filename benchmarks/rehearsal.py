@@ -19,24 +19,35 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def usage_error(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def main() -> None:
+    if any("=" not in a for a in sys.argv[1:]):
+        usage_error(f"arguments are key=value: {' '.join(sys.argv[1:])}")
     args = dict(a.split("=", 1) for a in sys.argv[1:])
     unknown = set(args) - {"ranks", "steps", "dir"}
     if unknown:
-        raise SystemExit(f"unknown argument(s) {sorted(unknown)}: ranks=4|8|16 [steps=N]")
-    ranks = int(args.get("ranks", 16))
+        usage_error(f"unknown argument(s) {sorted(unknown)}: ranks=4|8|16 [steps=N] [dir=PATH]")
+    raw, steps = args.get("ranks", "16"), args.get("steps", "64")
+    ranks = int(raw) if raw.isdigit() else 0
     if ranks not in (4, 8, 16):
-        raise SystemExit(f"ranks={ranks}: 4, 8 or 16 (the tiny recipe's global batch of 16 is split over the ranks)")
+        usage_error(f"ranks={raw}: 4, 8 or 16 (the tiny recipe's global batch of 16 is split over the ranks)")
+    if not steps.isdigit() or int(steps) < 16:
+        usage_error(f"steps={steps}: a whole number >= 16 (the stops come after the first few steps)")
     tmp = Path(args.get("dir", f"{tempfile.gettempdir()}/wf-rehearsal-{ranks}"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     report = tmp / "report.json"
     env = {**os.environ, "WAVEFORGE_REHEARSAL_RANKS": str(ranks), "WAVEFORGE_SLURM_CPUS": str(ranks // 2),
-           "WAVEFORGE_REHEARSAL_STEPS": args.get("steps", "64"), "WAVEFORGE_REHEARSAL_REPORT": str(report),
+           "WAVEFORGE_REHEARSAL_STEPS": steps, "WAVEFORGE_REHEARSAL_REPORT": str(report),
            "WAVEFORGE_REQUIRE_SERVICES": "1"}
     r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_rehearsal.py", "-q", "-p", "no:cacheprovider",
                         f"--basetemp={tmp}/pytest"], cwd=REPO, env=env)

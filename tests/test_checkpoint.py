@@ -8,6 +8,7 @@ step like the trainer) as 1 or 2 gloo ranks on CPU and compare full snapshots of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -624,10 +625,71 @@ def test_a_corrupted_checkpoint_is_passed_over_before_anything_is_unpickled(stra
         assert "step-000000003" in str(e.value) and "step-000000006" in str(e.value) and "state.pt" in str(e.value)
 
 
+def test_the_trainers_check_runs_in_the_background_and_falls_back(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer starts checking the newest checkpoint first (Checkpointer.start) and builds its models
+    meanwhile: plan() waits for that check. A corrupted newest one is passed over for the one before, said in
+    the notes (an MLflow tag); one that verifies is taken."""
+    from waveforge import config
+    from waveforge.checkpointer import Checkpointer
+
+    cfg = config.load("tiny", [f"run.dir={tmp_path}", "run.resume=auto"])
+    for step in (1, 2):
+        state = {"step": step, "images": step * 10, "recipe": config.to_dict(cfg)}
+        checkpoint.save(tmp_path, step, {"G": _FakeEngine(), "D": _FakeEngine()}, torch.nn.Linear(2, 2), state,
+                        keep_last=2)
+    root = checkpoint.ckpt_root(tmp_path)
+    started: list[str] = []
+    real = checkpoint.Verification.__init__
+
+    def spy(self: checkpoint.Verification, ckpt: Path, names: list[str] | None = None) -> None:
+        started.append(Path(ckpt).name)
+        real(self, ckpt, names)
+
+    monkeypatch.setattr(checkpoint.Verification, "__init__", spy)
+    good = Checkpointer(cfg, tmp_path)
+    good.start()
+    assert started == ["step-000000002"]  # before plan: the trainer builds its models while it runs
+    assert good.plan(1) == {} and good.source == root / "step-000000002" and not good.notes
+    assert started == ["step-000000002"]  # plan waited for it, did not check again
+    good.close()
+
+    _flip_byte(root / "step-000000002" / "ema.safetensors")
+    bad = Checkpointer(cfg, tmp_path)
+    bad.start()
+    assert bad.plan(1) == {} and bad.source == root / "step-000000001"
+    assert "step-000000002" in bad.notes["resume_passed_over"]
+    assert "ema.safetensors: blake3" in bad.notes["resume_passed_over"]
+    bad.close()
+
+
+def test_manifests_hold_blake3_and_older_sha256_ones_still_verify(tmp_path: Path) -> None:
+    """A new manifest lists each file's BLAKE3 (what the file's bytes hash to, computed while it was
+    written); a checkpoint of the first format (version 1, sha256 entries) still verifies and loads, and a
+    flipped byte in it is still found."""
+    import blake3
+
+    ckpt = _fake_save(tmp_path / "run", 1, keep_last=1)
+    m = checkpoint.read_manifest(ckpt)
+    assert m["version"] == 2
+    for rel, entry in m["files"].items():
+        assert set(entry) == {"size", "blake3"}, rel
+        assert entry["blake3"] == blake3.blake3((ckpt / rel).read_bytes()).hexdigest(), rel
+    old = {**m, "version": 1, "files": {rel: {"size": e["size"], "sha256": hashlib.sha256((ckpt / rel).read_bytes())
+                                              .hexdigest()} for rel, e in m["files"].items()}}
+    (ckpt / checkpoint.MANIFEST).write_text(json.dumps(old))
+    assert checkpoint.verify(ckpt) >= 0 and checkpoint.is_complete(ckpt, hashes=True)
+    assert checkpoint.find_resume(tmp_path / "run", "auto") == ckpt
+    _flip_byte(ckpt / "state.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="state.pt: sha256 .*manifest says"):
+        checkpoint.verify(ckpt)
+    assert not checkpoint.is_complete(ckpt, hashes=True)
+
+
 def test_export_verifies_and_never_writes_non_finite_weights(tmp_path: Path) -> None:
     ckpt = _fake_save(tmp_path / "run", 1, keep_last=1)
     _flip_byte(ckpt / "ema.safetensors")
-    with pytest.raises(checkpoint.CheckpointError, match="ema.safetensors: sha256"):
+    with pytest.raises(checkpoint.CheckpointError, match="ema.safetensors: blake3"):
         checkpoint.export(str(ckpt), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     nan = torch.nn.Linear(2, 2)

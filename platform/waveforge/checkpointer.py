@@ -1,6 +1,8 @@
 """The trainer's checkpoint protocol, as one component (the mechanics are in `waveforge.checkpoint`):
 
     ckpt = Checkpointer(cfg, run_dir)
+    ckpt.start()                                # COLLECTIVE, first: the newest checkpoint's check starts
+    ...                                         # (the trainer builds its evaluator, data and models meanwhile)
     patch = ckpt.plan(world)                    # COLLECTIVE, before the engines: what to resume, DS config patch
     state = ckpt.resume(engines, ema, loader)   # COLLECTIVE: loaded and verified, or None for a fresh start
     ckpt.save(step=..., images=..., engines=..., ema=..., loader=..., extra={...}, reason="interval")
@@ -52,15 +54,28 @@ class Checkpointer:
         self.saver = checkpoint.Saver(background=c.background)
         self.source: Path | None = None
         self.notes: dict[str, str] = {}  # what the resume passed over and why (tags of the MLflow run)
+        self._candidates: list[Path] | None = None  # set by start
+        self._check: checkpoint.Verification | None = None  # the newest candidate's check, running
+
+    def start(self) -> None:
+        """COLLECTIVE: find what a resume may take (run.resume; a remote checkpoint is downloaded now) and start
+        checking the newest candidate against its manifest in background threads, so that hashing a big
+        checkpoint overlaps what the trainer does before `plan` (evaluator, data, models)."""
+        self._candidates = checkpoint.resume_candidates(self.run_dir, self.cfg.run.resume,
+                                                        url=self.cfg.checkpoint.url, storage=self.cfg.storage)
+        self._check = checkpoint.start_verification(self._candidates)
 
     def plan(self, world: int) -> dict[str, Any]:
         """COLLECTIVE: choose the checkpoint to resume from (run.resume): the newest candidate whose files all
         match its manifest (a corrupted one is passed over, said on the console and in `notes`); check that
         its recipe trains the same thing; return what each engine's DeepSpeed config needs to load it ({}
-        for a fresh start). CheckpointError listing every candidate when there were some and none verifies."""
-        candidates = checkpoint.resume_candidates(self.run_dir, self.cfg.run.resume, url=self.cfg.checkpoint.url,
-                                                  storage=self.cfg.storage)
-        self.source, seconds, passed = checkpoint.first_verified(candidates)
+        for a fresh start). CheckpointError listing every candidate when there were some and none verifies.
+        Calls `start` first unless the trainer did."""
+        if self._candidates is None:
+            self.start()
+        candidates = self._candidates or []
+        self.source, waited, passed = checkpoint.first_verified(candidates, started=self._check)
+        self._check = None
         if candidates and self.source is None:
             raise checkpoint.CheckpointError(f"no checkpoint to resume from verifies; tried: {' | '.join(passed)}")
         if passed:
@@ -71,7 +86,7 @@ class Checkpointer:
             return {}
         m = checkpoint.read_manifest(self.source)
         dist.print0(f"verified {len(m['files'])} files ({sum(f['size'] for f in m['files'].values()) / 2**20:.0f} "
-                    f"MiB) of {self.source.name} against its manifest in {seconds:.2f} s")
+                    f"MiB) of {self.source.name} against its manifest (it added {waited:.2f} s to the start)")
         saved = checkpoint.read_state(self.source).get("recipe")
         if not isinstance(saved, dict):
             raise checkpoint.CheckpointError(f"{self.source}: its state holds no recipe")

@@ -81,15 +81,17 @@ def training_loop(cfg: Recipe, *, device: torch.device, stop: runtime.StopFlag) 
     dist.print0(f"run folder: {run_dir}\nranks: {world} x micro-batch {config.micro_batch(cfg, world)} x accumulation "
                 f"{cfg.dist.grad_accum} = global batch {t.batch_size}; {last_step} steps")
 
-    # Components: evaluation (its feature extractor loads now: a missing one fails here, not hours in), the
-    # seeded, resumable data stream (this rank's share), the model step and its EMA, the checkpointer.
+    # Components: the checkpointer (the checkpoint to resume from is checked in the background meanwhile),
+    # evaluation (its feature extractor loads now: a missing one fails here, not hours in), the seeded,
+    # resumable data stream (this rank's share), the model step and its EMA.
+    checkpointer = Checkpointer(cfg, run_dir)
+    checkpointer.start()
     evaluator = Evaluator(cfg, device, run_dir) if cfg.eval.every_images else None
     data.ensure_dataset(cfg)
     loader = data.from_config(cfg, rank=rank, world=world, grad_accum=cfg.dist.grad_accum,
                               defer_flip=device.type == "cuda")  # on a GPU the random flip runs there
     model = steps.make_step(cfg, device)
     ema = copy.deepcopy(model.generator).eval().requires_grad_(False).to(device)
-    checkpointer = Checkpointer(cfg, run_dir)
     engines = steps.build_engines(model.networks(), cfg=cfg, world=world, grad_accum=cfg.dist.grad_accum,
                                   patch=checkpointer.plan(world))  # resuming on another world size: universal
     model.attach(engines)

@@ -2,7 +2,7 @@
 
 A checkpoint is one folder `RUN_DIR/checkpoints/step-000000123/`:
 
-    manifest.json            written last: every file below with its size and sha256, the world size, step
+    manifest.json            written last: every file below with its size and BLAKE3 digest, world size, step
     state.pt                 the trainer's state dict (step, images, loader state, run id, recipe, code version)
     ema.safetensors          the EMA generator (full, not sharded)
     rng/rank-00000.pt        each rank's RNG states (torch, cuda, numpy, python)
@@ -18,9 +18,10 @@ iff its manifest exists and every file it lists has the listed size. `Saver(back
 from a save after a snapshot of the state and writes and publishes in background threads (see writer).
 
 Verification: before anything of a checkpoint is loaded (DeepSpeed unpickles its shards with
-weights_only=False), every file is checked against the manifest's size and sha256, the files split over the
-ranks (`verify`). A resume takes the newest candidate that verifies and says which ones it passed over
-(`resume_candidates`, `first_verified`, `find_resume`); export checks the files it reads and refuses
+weights_only=False), every file is checked against the manifest's size and digest, the files split over the
+ranks (`verify`; `Verification` runs the same check in the background while a trainer builds its models).
+A resume takes the newest candidate that verifies and says which ones it passed over (`resume_candidates`,
+`start_verification`, `first_verified`, `find_resume`); export checks the files it reads and refuses
 non-finite weights. Modules: files (names, manifest, hashing, verification, RNG, plain state), writer
 (save, Saver), remote (upload, download, Uploader), upload_worker (the upload process), reader (resume,
 universal format, load), export.
@@ -59,6 +60,7 @@ from waveforge.checkpoint.files import (
     MANIFEST,
     STATE,
     CheckpointError,
+    Verification,
     ckpt_root,
     complete_checkpoints,
     is_complete,
@@ -76,6 +78,7 @@ from waveforge.checkpoint.reader import (
     prepare_universal,
     read_state,
     resume_candidates,
+    start_verification,
 )
 from waveforge.checkpoint.remote import Uploader, download, upload
 from waveforge.checkpoint.writer import Saver, save
@@ -84,4 +87,4 @@ __all__ = ["EMA", "LATEST", "MANIFEST", "STATE", "CheckpointError", "Saver", "Up
            "complete_checkpoints",
            "download", "ds_config_patch", "export", "find_resume", "first_verified", "is_complete", "load",
            "needs_universal", "prepare_universal", "read_manifest", "read_state", "resume_candidates", "save",
-           "step_name", "upload", "verify", "verify_files"]
+           "start_verification", "step_name", "upload", "Verification", "verify", "verify_files"]

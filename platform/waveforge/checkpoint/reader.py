@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from waveforge.checkpoint.files import (
     STATE,
     UNIVERSAL_SUFFIX,
     CheckpointError,
+    Verification,
     _is_url,
     _remove_leftovers,
     _set_rng_state,
@@ -116,18 +118,35 @@ def resume_candidates(run_dir: Path, resume: str, url: str = "", storage: Storag
     return [Path(p) for p in dist.on_rank0(decide)]
 
 
-def first_verified(candidates: list[Path]) -> tuple[Path | None, float, list[str]]:
+def first_verified(candidates: list[Path], started: Verification | None = None
+                   ) -> tuple[Path | None, float, list[str]]:
     """COLLECTIVE: the first of `candidates` whose every file matches its manifest (checked before any of
-    it is loaded: `verify`), the seconds that check took, and why each candidate before it was passed over
-    (rank 0 says so on the console)."""
+    it is loaded: `verify`), the seconds the check of it added to the caller's time, and why each candidate
+    before it was passed over (rank 0 says so on the console). `started`: the check of `candidates[0]`,
+    already running in the background (`start_verification`); its result is waited for here."""
     passed: list[str] = []
     for ckpt in candidates:
         try:
-            return ckpt, verify(ckpt), passed
+            if started is not None and Path(started.ckpt) == Path(ckpt):
+                return ckpt, started.result()[1], passed
+            t0 = time.perf_counter()
+            verify(ckpt)
+            return ckpt, time.perf_counter() - t0, passed
         except CheckpointError as e:
             passed.append(str(e))
             dist.print0(f"checkpoint: {e}; {'trying the one before' if ckpt != candidates[-1] else 'no other'}")
     return None, 0.0, passed
+
+
+def start_verification(candidates: list[Path]) -> Verification | None:
+    """The check of the newest candidate started in the background (None when there is none, or when its
+    manifest is unreadable: `first_verified` then checks it in the foreground and says why it fails)."""
+    if not candidates:
+        return None
+    try:
+        return Verification(candidates[0])
+    except CheckpointError:
+        return None
 
 
 def find_resume(run_dir: Path, resume: str, url: str = "", storage: StorageConfig | None = None) -> Path | None:

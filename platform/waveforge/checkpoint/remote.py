@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from waveforge import storage as wstorage
-from waveforge.checkpoint.files import LATEST, MANIFEST, CheckpointError, _hash_file, _step_of, read_manifest
+from waveforge.checkpoint.files import (
+    LATEST,
+    MANIFEST,
+    CheckpointError,
+    _digest_of,
+    _hash_file,
+    _step_of,
+    read_manifest,
+)
 from waveforge.config import StorageConfig
 
 log = logging.getLogger("waveforge.checkpoint")
@@ -113,7 +121,7 @@ def _prune_remote(url: str, storage: StorageConfig | None, keep_last: int) -> No
 def download(url: str, dest_root: Path, storage: StorageConfig | None = None, *,
              files: list[str] | None = None) -> Path:
     """Download the remote checkpoint `url` (a step-... folder with a manifest) into `dest_root/<name>/`,
-    verifying sizes and sha256; published atomically like a save. `files`: only these (plus the manifest;
+    verifying sizes and digests; published atomically like a save. `files`: only these (plus the manifest;
     the result is then not a complete checkpoint and lives in a `.partial-` folder). Returns the folder."""
     url = url.rstrip("/")
     name = url.rsplit("/", 1)[-1]
@@ -137,7 +145,7 @@ def download(url: str, dest_root: Path, storage: StorageConfig | None = None, *,
     tmp.mkdir(parents=True)
     for rel in wanted:
         wstorage.get_file(wstorage.join(url, rel), str(tmp / rel), storage)
-        got = _hash_file(tmp / rel)
+        got = _hash_file(tmp / rel, algo=_digest_of(m["files"][rel])[0])
         if got != m["files"][rel]:
             raise CheckpointError(f"{url}/{rel}: downloaded file differs from the manifest ({got} vs "
                                   f"{m['files'][rel]})")

@@ -3,14 +3,15 @@ trainer's state; atomic publication (manifest, rename, `latest`); pruning.
 
 How a save writes (`Saver`): each DeepSpeed engine gets a waveforge checkpoint engine for the duration of its
 `save_checkpoint` call, so DeepSpeed's `torch.save(state_dict, path)` calls become jobs of a small thread
-pool (files written in parallel, G and D alike). Every file is hashed while it is written (sha256 of the
-bytes as they go to disk, no second read pass) and fsynced once. In the background mode the state is first
+pool (files written in parallel, G and D alike). Every file is hashed while it is written (BLAKE3 of the
+bytes as they go to disk, no second read pass; the EMA, which safetensors writes itself, is read back once)
+and fsynced once. In the background mode the state is first
 snapshot (each tensor's storage copied to CPU memory, the "device-to-host copy": ZeRO's optimizer state
 dict references the live fp32 partitions and Adam moments the next step changes in place) and `save`
 returns; the writing, the per-rank sums file and rank 0's publication continue in background threads.
 
 Publication happens only after every rank's files are durable: each rank writes `rank-R.json` (its files'
-sizes and sha256) into the save's sums folder once its own files are fsynced, or `rank-R.error` when its
+sizes and digests) into the save's sums folder once its own files are fsynced, or `rank-R.error` when its
 writing failed; rank 0 waits for one of the two from every rank (the run folder is shared between nodes;
 no collective runs in a background thread), then writes the manifest, renames `.tmp-N` to `step-N`, points
 `latest` at it, prunes and queues the upload. A process killed at any moment leaves the previous checkpoint
@@ -20,7 +21,6 @@ loadable. A failure in the background is raised on every rank by the next `save`
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -38,6 +38,7 @@ import torch
 
 from waveforge import dist
 from waveforge.checkpoint.files import (
+    DIGEST,
     EMA,
     FORMAT,
     LATEST,
@@ -56,12 +57,13 @@ from waveforge.checkpoint.files import (
     _write_atomic,
     ckpt_root,
     complete_checkpoints,
+    new_hasher,
     read_manifest,
     step_name,
 )
 from waveforge.checkpoint.remote import Uploader
 
-WRITE_THREADS = 4  # files written at once per rank (writes and sha256 release the GIL)
+WRITE_THREADS = 4  # files written at once per rank (writes and hashing release the GIL)
 CHUNK = 8 << 20  # bytes per write (and per hashed piece) of a big record
 POLL_S = 0.02  # rank 0's publisher looks for the other ranks' sums files this often
 ABORT_WAIT_S = 60.0  # after an error elsewhere, how long rank 0 still waits for the other ranks' files
@@ -127,13 +129,13 @@ def _snapshot(obj: Any, buffers: _Buffers, memo: dict[int, torch.UntypedStorage]
 
 
 class _HashingFile:
-    """The file object torch.save writes through: every byte goes to disk and into a sha256. A big record (a
-    tensor's storage) goes in CHUNK pieces, each hashed by a helper thread while this one writes it (hashlib
+    """The file object torch.save writes through: every byte goes to disk and into the digest. A big record (a
+    tensor's storage) goes in CHUNK pieces, each hashed by a helper thread while this one writes it (hashing
     and the write both release the GIL): the hash costs no time of its own, and the kernel takes pieces of
     this size about twice as fast as one write of a whole 100 MB storage."""
 
     def __init__(self, raw: BinaryIO, hasher: ThreadPoolExecutor) -> None:
-        self.raw, self.sha, self.hasher = raw, hashlib.sha256(), hasher
+        self.raw, self.sha, self.hasher = raw, new_hasher(), hasher
 
     def write(self, data: Any) -> int:
         mv = memoryview(data).cast("B")
@@ -153,14 +155,14 @@ class _HashingFile:
 
 
 def _write_torch(obj: Any, path: Path) -> dict[str, Any]:
-    """torch.save `obj` to `path`, hashed while written and fsynced; its manifest entry (size, sha256)."""
+    """torch.save `obj` to `path`, hashed while written and fsynced; its manifest entry (size, digest)."""
     with open(path, "wb") as raw, ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as hasher:
         f = _HashingFile(raw, hasher)
         torch.save(obj, f)
         raw.flush()
         os.fsync(raw.fileno())
         size = raw.tell()
-    return {"size": size, "sha256": f.sha.hexdigest()}
+    return {"size": size, DIGEST: f.sha.hexdigest()}
 
 
 class _StateDictOf:

@@ -7,25 +7,31 @@ tensors to the same disk, and the training stall caused by a background upload t
 One process (world size 1), CPU, ZeRO-2, bf16. Cases:
   celebahq256: G + D engines built from the recipe's model section (waveforge.models)
   celebahq1024: the 1024 px generator alone (G engine)
-For each, in alternating rounds (the minimum of each is reported): waveforge.checkpoint.save (synchronous:
-shards + EMA + RNG written in parallel, sha256 while writing, fsync, atomic publish), a background save
-(`Saver(background=True)`: the stall is the time save() takes, the snapshot; then the time until it is
-published), plain torch.save (+ fsync) of a dict of the same tensors (16-bit weights, fp32 master, Adam
-moments, EMA: the limit of the disk and the serializer) and a clone of those tensors (the "device-to-host
-copy" the stall is compared with); then sha256 verification (`checkpoint.verify`, what a resume does
-before loading) + load against plain torch.load. Reads come from the page cache unless the machine is
-short of memory. The upload: time per step of a small training loop (a CPU MLP step) alone and while the
-Uploader's process copies the celebahq256 checkpoint to a private `weed mini` (127.0.0.1, free ports; the
-server runs at normal priority and its CPU is not the upload's), the upload's MB/s, and the upload
-process's CPU seconds per GB (getrusage in that process; its start-up, mostly imports, reported apart),
-once per upload case MB_S:NICE (checkpoint.upload_mb_s, 0 = unbounded : checkpoint.upload_nice). The
-training loop keeps both cores busy, so a nice-19 upload advances slowly: the step times are taken for at
-most upload_window_s, then the upload finishes without training (upload_done_while_training says which).
+For each, in alternating rounds (the minimum of each is reported): a synchronous save
+(`Saver(background=False)`, a run's saver with checkpoint.background=false: shards + EMA + RNG written in
+parallel, BLAKE3 while writing, fsync, atomic publish; the pruned checkpoint's files removed in its background
+thread), a background save (`Saver(background=True)`: the stall is the time save() takes, the snapshot; then
+the time until it is published), plain torch.save (+ fsync) of a dict of the same tensors (16-bit weights,
+fp32 master, Adam moments, EMA: the limit of the disk and the serializer) and a clone of those tensors (the
+"device-to-host copy" the stall is compared with; the trainer's save also computes `weights_checksum`, a
+float64 sum of every weight, before the snapshot: `trainer_stall_vs_clone` counts it); then verification
+(`checkpoint.verify`, what a resume does before loading) + load against plain torch.load. Reads come from the
+page cache unless the machine is short of memory. Then a resume in the trainer's order (`bench_resume`: the
+check starts in the background, the models and engines are built meanwhile, then the load): the seconds
+verification adds to it, started first as the trainer does and, for comparison, run before building. The
+upload: time per step of a small training loop (a CPU MLP step) alone and while the Uploader's process copies
+the celebahq256 checkpoint to a private `weed mini` (127.0.0.1, free ports; the server runs at normal priority
+and its CPU is not the upload's), the upload's MB/s, and the upload process's CPU seconds per GB (getrusage in
+that process; its start-up, mostly imports, reported apart), once per upload case MB_S:NICE
+(checkpoint.upload_mb_s, 0 = unbounded : checkpoint.upload_nice). The training loop keeps both cores busy, so
+a nice-19 upload advances slowly: the step times are taken for at most upload_window_s, then the upload
+finishes without training (upload_done_while_training says which).
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import shutil
@@ -45,18 +51,21 @@ for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_A
 import torch  # noqa: E402
 
 from waveforge import checkpoint, config, models, storage  # noqa: E402
+from waveforge.checkpointer import weights_checksum  # noqa: E402
 from waveforge.config import StorageConfig  # noqa: E402
 from waveforge.runtime import free_port  # noqa: E402
 
 
-def engine(net: torch.nn.Module) -> object:
-    """A ZeRO-2 bf16 engine whose Adam state exists (one step on zero gradients, no forward pass)."""
+def engine(net: torch.nn.Module, step: bool = True) -> object:
+    """A ZeRO-2 bf16 engine; with `step`, its Adam state exists (one step on zero gradients, no forward pass)."""
     import deepspeed
 
     cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
            "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}},
            "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "steps_per_print": 10**9}
     eng, *_ = deepspeed.initialize(model=net, model_parameters=list(net.parameters()), config=cfg)
+    if not step:
+        return eng
     loss = sum(p.float().sum() for p in eng.module.parameters()) * 0.0
     eng.backward(loss)
     eng.step()
@@ -101,12 +110,12 @@ def bench_case(name: str, engines: dict, ema: torch.nn.Module, work: Path, repea
             f.flush()
             os.fsync(f.fileno())
 
-    saver = checkpoint.Saver(background=True)
+    saver, sync = checkpoint.Saver(background=True), checkpoint.Saver(background=False)
     saves, stalls, bg_saves, psaves, clones = [], [], [], [], []
     step = 0
     for _ in range(repeats):
         step += 1
-        saves.append(timed(lambda s=step: checkpoint.save(run_dir, s, engines, ema, state, keep_last=2)))
+        saves.append(timed(lambda s=step: sync.save(run_dir, s, engines, ema, state, keep_last=2)))
         psaves.append(timed(plain_save))
         step += 1
         t0 = time.perf_counter()
@@ -116,6 +125,8 @@ def bench_case(name: str, engines: dict, ema: torch.nn.Module, work: Path, repea
         bg_saves.append(time.perf_counter() - t0)
         clones.append(timed(lambda: {k: v.clone() for k, v in tensors.items()}))
     saver.close()
+    sync.close()
+    checksums = [timed(lambda: weights_checksum(engines)) for _ in range(repeats)]  # the trainer's save runs it
     ck = checkpoint.ckpt_root(run_dir) / checkpoint.step_name(step)
     nbytes = sum(f["size"] for f in checkpoint.read_manifest(ck)["files"].values())
     pbytes = plain.stat().st_size
@@ -136,11 +147,52 @@ def bench_case(name: str, engines: dict, ema: torch.nn.Module, work: Path, repea
            "background_save_vs_plain": round(nbytes / bg_s / (pbytes / psave_s), 2),
            "stall_s": round(stall_s, 3), "clone_s": round(clone_s, 3),
            "stall_vs_clone": round(stall_s / (clone_s * nbytes / pbytes), 2),
+           "weights_checksum_s": round(min(checksums), 3),
+           "trainer_stall_vs_clone": round((stall_s + min(checksums)) / (clone_s * nbytes / pbytes), 2),
            "verify_s": round(verify_s, 2), "load_s": round(load_s, 2),
            "load_verified_MB_s": round(nbytes / mb / (load_s + verify_s)),
            "plain_load_s": round(pload_s, 2), "plain_load_MB_s": round(pbytes / mb / pload_s),
            "load_verified_vs_plain": round(nbytes / (load_s + verify_s) / (pbytes / pload_s), 2),
            "verify_share_of_load": round(verify_s / (load_s + verify_s), 2)}
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def bench_resume(name: str, recipe: str, with_d: bool, ckpt: Path, repeats: int) -> dict:
+    """What verification adds to a resume, in the trainer's order: the check of the newest checkpoint starts
+    first (`checkpoint.Verification`, background threads: Checkpointer.start), the models and their engines
+    are built meanwhile, then the trainer waits for the check (Checkpointer.plan) and loads. Against the
+    same resume without any check and with the check before building (min of alternating rounds). The
+    trainer also loads its evaluator and data meanwhile: not counted here."""
+    cfg = config.load(recipe)
+
+    def resume(mode: str) -> float:
+        t0 = time.perf_counter()
+        check = checkpoint.Verification(ckpt) if mode == "overlapped" else None
+        if mode == "first":
+            checkpoint.verify(ckpt)
+        G = models.build_generator(cfg.model, cfg.diffusion)
+        ema = copy.deepcopy(G).requires_grad_(False)
+        engines = {"G": engine(G, step=False)}
+        if with_d:
+            engines["D"] = engine(models.build_discriminator(cfg.model, cfg.diffusion), step=False)
+        if check is not None:
+            check.result()
+        checkpoint.load(ckpt, engines, ema)
+        seconds = time.perf_counter() - t0
+        del engines, G, ema
+        gc.collect()
+        return seconds
+
+    times: dict[str, list[float]] = {"none": [], "first": [], "overlapped": []}
+    for _ in range(repeats):
+        for mode in times:
+            times[mode].append(resume(mode))
+    best = {mode: min(v) for mode, v in times.items()}
+    res = {"case": f"{name}_resume", "resume_s_unverified": round(best["none"], 2),
+           "resume_s_verify_first": round(best["first"], 2), "resume_s_overlapped": round(best["overlapped"], 2),
+           "verify_added_s_first": round(best["first"] - best["none"], 2),
+           "verify_added_s_overlapped": round(best["overlapped"] - best["none"], 2)}
     print(json.dumps(res), flush=True)
     return res
 
@@ -253,6 +305,7 @@ def main() -> None:
     engines = {"G": engine(G), "D": engine(D)}
     results.append(bench_case("celebahq256_G+D", engines, ema, work, repeats))
     ck256 = checkpoint.complete_checkpoints(checkpoint.ckpt_root(work / "celebahq256_G+D"))[-1]
+    results.append(bench_resume("celebahq256_G+D", "celebahq256", True, ck256, repeats))
     if args.get("upload", "1") == "1":
         for case in args.get("upload_cases", "200:19").split(","):
             mb_s, nice = case.split(":")
@@ -268,6 +321,10 @@ def main() -> None:
     G = models.build_generator(cfg.model, cfg.diffusion)
     ema = copy.deepcopy(G).requires_grad_(False)
     results.append(bench_case("celebahq1024_G", {"G": engine(G)}, ema, work, repeats))
+    del G, ema
+    gc.collect()
+    ck1024 = checkpoint.complete_checkpoints(checkpoint.ckpt_root(work / "celebahq1024_G"))[-1]
+    results.append(bench_resume("celebahq1024_G", "celebahq1024", False, ck1024, repeats))
     shutil.rmtree(work, ignore_errors=True)
     print("RESULTS " + json.dumps(results))
     torch.distributed.destroy_process_group()

@@ -642,9 +642,11 @@ def test_the_trainers_check_runs_in_the_background_and_falls_back(tmp_path: Path
     started: list[str] = []
     real = checkpoint.Verification.__init__
 
-    def spy(self: checkpoint.Verification, ckpt: Path, names: list[str] | None = None) -> None:
-        started.append(Path(ckpt).name)
-        real(self, ckpt, names)
+    def spy(self: checkpoint.Verification, ckpt: Path, names: list[str] | None = None,
+            background: bool = True) -> None:
+        if background:
+            started.append(Path(ckpt).name)
+        real(self, ckpt, names, background)
 
     monkeypatch.setattr(checkpoint.Verification, "__init__", spy)
     good = Checkpointer(cfg, tmp_path)
@@ -661,6 +663,38 @@ def test_the_trainers_check_runs_in_the_background_and_falls_back(tmp_path: Path
     assert "step-000000002" in bad.notes["resume_passed_over"]
     assert "ema.safetensors: blake3" in bad.notes["resume_passed_over"]
     bad.close()
+
+
+def test_a_check_left_midway_in_the_background_is_finished_in_the_foreground(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The background check hashes each file in pieces and stops between two when the trainer asks for the
+    result; the foreground goes on from there: the digest is the whole file's, and a flipped byte after the
+    hand-over is found."""
+    from waveforge.checkpoint import files
+
+    class StopAfter(threading.Event):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.n = n
+
+        def is_set(self) -> bool:
+            self.n -= 1
+            return self.n < 0
+
+    monkeypatch.setattr(files._FileCheck, "PIECE", 64)  # many pieces per file
+    ckpt = _fake_save(tmp_path / "run", 1, keep_last=1)
+    for flip in (False, True):
+        if flip:
+            _flip_byte(ckpt / "G" / "mp_rank_00_model_states.pt")  # its middle: after the hand-over
+        check = checkpoint.Verification(ckpt, background=False)
+        big = next(c for c in check._checks if c.rel == "G/mp_rank_00_model_states.pt")
+        big.run(StopAfter(3))  # what a background thread does before it is stopped
+        assert 0 < big.pos < big.size / 2 and not big.done
+        if flip:
+            with pytest.raises(checkpoint.CheckpointError, match="G/mp_rank_00_model_states.pt: blake3"):
+                check.result()
+        else:
+            assert check.result()[0] > 0 and big.done and big.pos == big.size
 
 
 def test_manifests_hold_blake3_and_older_sha256_ones_still_verify(tmp_path: Path) -> None:

@@ -108,62 +108,127 @@ def _hash_file(path: Path, fsync: bool = True, algo: str = DIGEST) -> dict[str, 
     return {"size": path.stat().st_size, algo: h.hexdigest()}
 
 
+def _threads() -> int:
+    """Hashing threads per process: the cores it may run on (Slurm's CPU binding counts), at most 4."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+class _FileCheck:
+    """One file against its manifest entry, hashed in pieces: any thread may continue it where another left
+    off (one thread at a time), so a background check can hand its unfinished files to the foreground."""
+
+    PIECE = 1 << 20  # small: a low-priority thread asked to stop is never long inside a piece
+
+    def __init__(self, ckpt: Path, rel: str, want: dict[str, Any]) -> None:
+        self.rel, self.path, self.size = rel, Path(ckpt) / rel, int(want["size"])
+        self.algo, self.digest = _digest_of(want)
+        self.hasher, self.pos, self.done, self.problem = new_hasher(self.algo), 0, False, ""
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Hash on from where the last call stopped, to the end or until `stop` is set."""
+        try:
+            if self.pos == 0 and not self.path.is_file():
+                self.problem, self.done = f"{self.rel}: missing", True
+                return
+            if self.pos == 0 and self.path.stat().st_size != self.size:
+                self.problem = f"{self.rel}: size {self.path.stat().st_size}, manifest says {self.size}"
+                self.done = True
+                return
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                while not (stop is not None and stop.is_set()):
+                    piece = f.read(self.PIECE)
+                    if not piece:
+                        got = self.hasher.hexdigest()
+                        if got != self.digest:
+                            self.problem = f"{self.rel}: {self.algo} {got[:12]}..., manifest says {self.digest[:12]}..."
+                        self.done = True
+                        return
+                    self.hasher.update(piece)
+                    self.pos += len(piece)
+        except OSError as e:
+            self.problem, self.done = f"{self.rel}: cannot be read ({type(e).__name__}: {e})", True
+
+
+def _checks(ckpt: Path, names: list[str] | None) -> tuple[list[_FileCheck], list[str]]:
+    """The checks of `names` (all files when None), biggest first (the threads end together), and the
+    names the manifest does not list."""
+    m = read_manifest(ckpt)
+    names = sorted(m["files"]) if names is None else names
+    unknown = [f"{rel}: not in the manifest" for rel in names if rel not in m["files"]]
+    known = sorted((rel for rel in names if rel in m["files"]), key=lambda rel: -m["files"][rel]["size"])
+    return [_FileCheck(ckpt, rel, m["files"][rel]) for rel in known], unknown
+
+
+def _finish(checks: list[_FileCheck], threads: int = 0) -> list[str]:
+    """Run the unfinished `checks` to their end in threads of this priority; their problems, by name."""
+    todo = [c for c in checks if not c.done]
+    if todo:
+        with ThreadPoolExecutor(min(len(todo), threads or _threads())) as pool:
+            list(pool.map(lambda c: c.run(), todo))
+    return [c.problem for c in sorted(checks, key=lambda c: c.rel) if c.problem]
+
+
 def verify_files(ckpt: Path, names: list[str] | None = None, threads: int = 0) -> list[str]:
     """What differs between the files of `ckpt` (or `names` of them) and its manifest: one line per file
     ("rel: missing", "rel: size S, manifest says M", "rel: blake3 abc..., manifest says def..."); [] when all
     match. In this process only (threads hash in parallel); see `verify` for the collective check."""
-    m = read_manifest(ckpt)
-    names = sorted(m["files"]) if names is None else names
-    unknown = [rel for rel in names if rel not in m["files"]]
-    if unknown:
-        return [f"{rel}: not in the manifest" for rel in unknown]
+    checks, unknown = _checks(ckpt, names)
+    return unknown or _finish(checks, threads)
 
-    def check(rel: str) -> str:
-        path, want = Path(ckpt) / rel, m["files"][rel]
-        if not path.is_file():
-            return f"{rel}: missing"
-        if path.stat().st_size != want["size"]:
-            return f"{rel}: size {path.stat().st_size}, manifest says {want['size']}"
-        algo, digest = _digest_of(want)
-        got = _hash_file(path, fsync=False, algo=algo)[algo]
-        return "" if got == digest else f"{rel}: {algo} {got[:12]}..., manifest says {digest[:12]}..."
 
-    order = sorted(names, key=lambda rel: -m["files"][rel]["size"])  # biggest first: the threads end together
-    with ThreadPoolExecutor(threads or min(4, os.cpu_count() or 1)) as pool:
-        found = dict(zip(order, pool.map(check, order), strict=True))
-    return [found[rel] for rel in names if found[rel]]
+def _lowest_priority() -> None:
+    """The calling thread yields the CPU to anything else of this machine (nice 19 on Linux, where a thread
+    has its own; best effort). The trainer's model building, whose OpenMP threads spin while a sibling
+    waits for a core, is slowed several-fold by hashing threads of equal priority on a busy machine."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (OSError, AttributeError):
+        pass
 
 
 class Verification:
-    """A check of `ckpt` against its manifest, started at once in a background thread (this rank's share of
-    the files, as `verify` splits them: no collective there), so that a trainer hashes a big checkpoint
-    while it builds its models; `result` (COLLECTIVE) waits for it and says what `verify` says. Raises
-    CheckpointError at once when the manifest is unreadable (the same on every rank: they read one file)."""
+    """A check of `ckpt` against its manifest that starts at once, in low-priority background threads (this
+    rank's share of the files, as `verify` splits them: no collective there), so that a trainer hashes a big
+    checkpoint on CPU time its model building leaves; `result` (COLLECTIVE) takes the unfinished files over
+    at full priority and says what `verify` says. Raises CheckpointError at once when the manifest is
+    unreadable (the same on every rank: they read one file)."""
 
-    def __init__(self, ckpt: Path, names: list[str] | None = None) -> None:
+    def __init__(self, ckpt: Path, names: list[str] | None = None, background: bool = True) -> None:
         self.ckpt = Path(ckpt)
         self._t0 = time.perf_counter()
         m = read_manifest(self.ckpt)
         share = (sorted(m["files"]) if names is None else sorted(names))[dist.rank()::dist.world()]
-        self._problems: list[str] = []
-        self._seconds = 0.0
-        self._thread = threading.Thread(target=self._run, args=(share,), daemon=True, name="checkpoint-verify")
-        self._thread.start()
+        self._checks, self._unknown = _checks(self.ckpt, share)
+        self._stop = threading.Event()
+        self._queue = list(self._checks)
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._background, daemon=True, name="checkpoint-verify")
+                         for _ in range(min(len(self._checks), _threads()) if background else 0)]
+        for t in self._threads:
+            t.start()
 
-    def _run(self, share: list[str]) -> None:
-        try:
-            self._problems = verify_files(self.ckpt, share)
-        except Exception as e:  # noqa: BLE001 - an unreadable file: reported like a mismatch, on every rank
-            self._problems = [f"cannot be checked ({type(e).__name__}: {e})"]
-        self._seconds = time.perf_counter() - self._t0
+    def _background(self) -> None:
+        _lowest_priority()
+        while not self._stop.is_set():
+            with self._lock:
+                if not self._queue:
+                    return
+                check = self._queue.pop(0)
+            check.run(self._stop)
 
     def result(self) -> tuple[float, float]:
-        """COLLECTIVE: wait for every rank's share; raise CheckpointError on every rank naming what differs.
-        Returns (the seconds the check took, the seconds `result` waited for it), the slowest rank's each:
-        the second is what the check added to the caller's time."""
+        """COLLECTIVE: finish this rank's share (the background threads stop after their current piece; what
+        they left is hashed here at full priority), then every rank's; raise CheckpointError on every rank
+        naming what differs. Returns (the seconds the check took, the seconds `result` took), the slowest
+        rank's each: the second is what the check added to the caller's time."""
         t0 = time.perf_counter()
-        self._thread.join()
-        parts = dist.gather_object((self._problems, self._seconds, time.perf_counter() - t0))
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        problems = self._unknown or _finish(self._checks)
+        now = time.perf_counter()
+        parts = dist.gather_object((problems, now - self._t0, now - t0))
         found = [p for part in parts for p in part[0]]
         if found:
             raise CheckpointError(f"{self.ckpt} does not match its manifest ({len(found)} file(s)): "
@@ -177,7 +242,7 @@ def verify(ckpt: Path, names: list[str] | None = None) -> float:
     The files are split over the ranks, each hashing its share in threads. Raises CheckpointError on every
     rank naming what differs; returns the seconds it took (the slowest rank's). `Verification` starts the
     same check in the background."""
-    return Verification(ckpt, names).result()[0]
+    return Verification(ckpt, names, background=False).result()[0]
 
 
 def _list_files(folder: Path) -> list[str]:

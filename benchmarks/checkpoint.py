@@ -55,6 +55,8 @@ from waveforge.checkpointer import weights_checksum  # noqa: E402
 from waveforge.config import StorageConfig  # noqa: E402
 from waveforge.runtime import free_port  # noqa: E402
 
+WORK = Path(tempfile.gettempdir()) / "wf-ckpt-bench"  # the benchmark's folder (dir=)
+
 
 def engine(net: torch.nn.Module, step: bool = True) -> object:
     """A ZeRO-2 bf16 engine; with `step`, its Adam state exists (one step on zero gradients, no forward pass)."""
@@ -88,10 +90,21 @@ def plain_tensors(engines: dict, ema: torch.nn.Module) -> dict[str, torch.Tensor
     return out
 
 
-def timed(fn) -> float:
-    """Seconds `fn` takes, after the writeback of earlier writes (a deletion, the last case's files) is done:
-    on this VM's disk it otherwise lands in whichever measurement comes next."""
+def quiet() -> None:
+    """Wait until the savers' background removal of pruned checkpoints (`.tmp-delete-*` folders) is over and
+    earlier writes are on disk: on this VM either otherwise lands in whichever measurement comes next (in a
+    run it overlaps training steps)."""
+    deadline = time.monotonic() + 60
+    while any(p.name.startswith(".tmp-delete-") for d in WORK.glob("*/checkpoints") for p in d.iterdir()):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     os.sync()
+
+
+def timed(fn) -> float:
+    """Seconds `fn` takes, started on a quiet machine (`quiet`)."""
+    quiet()
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -121,7 +134,7 @@ def bench_case(name: str, engines: dict, ema: torch.nn.Module, work: Path, repea
         saves.append(timed(lambda s=step: sync.save(run_dir, s, engines, ema, state, keep_last=2)))
         psaves.append(timed(plain_save))
         step += 1
-        os.sync()
+        quiet()
         t0 = time.perf_counter()
         saver.save(run_dir, step, engines, ema, state, keep_last=2)
         stalls.append(time.perf_counter() - t0)
@@ -172,7 +185,7 @@ def bench_resume(name: str, recipe: str, with_d: bool, ckpt: Path, repeats: int)
 
     def resume(mode: str) -> float:
         gc.collect()
-        os.sync()
+        quiet()
         t0 = time.perf_counter()
         check = checkpoint.Verification(ckpt) if mode == "overlapped" else None
         if mode == "first":
@@ -296,7 +309,8 @@ def bench_stall(ckpt: Path, work: Path, mb_s: float, nice: int, window_s: float)
 
 def main() -> None:
     args = dict(a.split("=", 1) for a in sys.argv[1:])
-    work = Path(args.get("dir", tempfile.gettempdir() + "/wf-ckpt-bench"))
+    global WORK
+    work = WORK = Path(args.get("dir", tempfile.gettempdir() + "/wf-ckpt-bench"))
     repeats = int(args.get("repeats", 2))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MASTER_PORT", str(free_port()))

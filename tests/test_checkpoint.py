@@ -697,6 +697,43 @@ def test_a_check_left_midway_in_the_background_is_finished_in_the_foreground(tmp
             assert check.result()[0] > 0 and big.done and big.pos == big.size
 
 
+def _nice_of_this_thread() -> int:
+    stat = Path(f"/proc/self/task/{threading.get_native_id()}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+def test_the_background_check_yields_the_cpu_and_the_wait_hashes_at_full_priority(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The background threads run at nice 19 (the trainer's model building, whose OpenMP threads spin while a
+    sibling waits for a core, must not share the cores with them equally); what is left when the trainer
+    asks for the result is hashed at the caller's priority; the process's own priority is untouched."""
+    from waveforge.checkpoint import files
+
+    seen: list[tuple[str, int]] = []
+    real = files._FileCheck.run
+    gate = threading.Event()
+
+    def run(self: files._FileCheck, stop: threading.Event | None = None) -> None:
+        if stop is not None:  # a background thread: hold it until the caller has asked for the result
+            seen.append(("background", _nice_of_this_thread()))
+            gate.wait(10)
+            return
+        seen.append(("foreground", _nice_of_this_thread()))
+        real(self, stop)
+
+    monkeypatch.setattr(files._FileCheck, "run", run)
+    ckpt = _fake_save(tmp_path / "run", 1, keep_last=1)
+    check = checkpoint.Verification(ckpt)
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    threading.Timer(0.2, gate.set).start()
+    check.result()
+    assert seen and {n for kind, n in seen if kind == "background"} == {19}
+    assert {n for kind, n in seen if kind == "foreground"} == {_nice_of_this_thread()} != {19}
+    assert all(c.done for c in check._checks)
+
+
 def test_manifests_hold_blake3_and_older_sha256_ones_still_verify(tmp_path: Path) -> None:
     """A new manifest lists each file's BLAKE3 (what the file's bytes hash to, computed while it was
     written); a checkpoint of the first format (version 1, sha256 entries) still verifies and loads, and a

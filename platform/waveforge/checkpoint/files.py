@@ -150,10 +150,9 @@ class _FileCheck:
             self.problem, self.done = f"{self.rel}: cannot be read ({type(e).__name__}: {e})", True
 
 
-def _checks(ckpt: Path, names: list[str] | None) -> tuple[list[_FileCheck], list[str]]:
-    """The checks of `names` (all files when None), biggest first (the threads end together), and the
-    names the manifest does not list."""
-    m = read_manifest(ckpt)
+def _checks(ckpt: Path, m: dict[str, Any], names: list[str] | None) -> tuple[list[_FileCheck], list[str]]:
+    """The checks of `names` (all files of manifest `m` when None), biggest first (the threads end together),
+    and the names the manifest does not list."""
     names = sorted(m["files"]) if names is None else names
     unknown = [f"{rel}: not in the manifest" for rel in names if rel not in m["files"]]
     known = sorted((rel for rel in names if rel in m["files"]), key=lambda rel: -m["files"][rel]["size"])
@@ -173,7 +172,7 @@ def verify_files(ckpt: Path, names: list[str] | None = None, threads: int = 0) -
     """What differs between the files of `ckpt` (or `names` of them) and its manifest: one line per file
     ("rel: missing", "rel: size S, manifest says M", "rel: blake3 abc..., manifest says def..."); [] when all
     match. In this process only (threads hash in parallel); see `verify` for the collective check."""
-    checks, unknown = _checks(ckpt, names)
+    checks, unknown = _checks(ckpt, read_manifest(ckpt), names)
     return unknown or _finish(checks, threads)
 
 
@@ -199,7 +198,7 @@ class Verification:
         self._t0 = time.perf_counter()
         m = read_manifest(self.ckpt)
         share = (sorted(m["files"]) if names is None else sorted(names))[dist.rank()::dist.world()]
-        self._checks, self._unknown = _checks(self.ckpt, share)
+        self._checks, self._unknown = _checks(self.ckpt, m, share)
         self._stop = threading.Event()
         self._queue = list(self._checks)
         self._lock = threading.Lock()
@@ -270,15 +269,10 @@ def is_complete(ckpt: Path, hashes: bool = False) -> bool:
         m = read_manifest(ckpt)
     except CheckpointError:
         return False
-    for rel, info in m["files"].items():
-        p = Path(ckpt) / rel
-        if not p.is_file() or p.stat().st_size != info["size"]:
-            return False
-        if hashes:
-            algo, digest = _digest_of(info)
-            if _hash_file(p, algo=algo)[algo] != digest:
-                return False
-    return True
+    if hashes:
+        return not verify_files(ckpt)
+    return all((Path(ckpt) / rel).is_file() and (Path(ckpt) / rel).stat().st_size == info["size"]
+               for rel, info in m["files"].items())
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

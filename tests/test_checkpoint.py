@@ -771,3 +771,109 @@ def test_export_verifies_and_never_writes_non_finite_weights(tmp_path: Path) -> 
     with pytest.raises(checkpoint.CheckpointError, match="non-finite weights .1 values in 1 tensor"):
         checkpoint.export(str(ckpt), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _odd_tensors() -> dict:
+    """A state dict whose records are not multiples of the block size, some bigger than a staging buffer."""
+    g = torch.Generator().manual_seed(0)
+    return {"a": torch.randn(12345, generator=g), "b": torch.randn(3, 7, generator=g).to(torch.bfloat16),
+            "big": torch.randn(40_001, generator=g), "view": [1, "x", 2.5]}
+
+
+def test_direct_writes_are_byte_identical_to_buffered_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint file written with O_DIRECT (staging buffers, padded last block, truncated) holds exactly the
+    bytes torch.save produces, and its manifest entry is their size and BLAKE3."""
+    import blake3
+
+    from waveforge.checkpoint import writer
+
+    probe = writer._open_direct(tmp_path / "probe")
+    if probe is None:
+        pytest.skip(f"{tmp_path} is on a filesystem that refuses O_DIRECT")
+    import fcntl
+
+    assert fcntl.fcntl(probe, fcntl.F_GETFL) & os.O_DIRECT
+    os.close(probe)
+    obj = _odd_tensors()
+    monkeypatch.setattr(writer, "STAGE", 4 * writer.DIRECT_ALIGN)  # 16 KB: many buffers, several in flight
+    direct = writer._write_torch(obj, tmp_path / "direct.pt")
+    with monkeypatch.context() as m:
+        m.setattr(writer, "_open_direct", lambda path: None)
+        buffered = writer._write_torch(obj, tmp_path / "buffered.pt")
+    data = (tmp_path / "direct.pt").read_bytes()
+    assert data == (tmp_path / "buffered.pt").read_bytes() and len(data) % writer.DIRECT_ALIGN
+    assert direct == buffered == {"size": len(data), "blake3": blake3.blake3(data).hexdigest()}
+    got = torch.load(tmp_path / "direct.pt", weights_only=True)
+    assert all(torch.equal(got[k], obj[k]) for k in ("a", "b", "big")) and got["view"] == obj["view"]
+
+
+def test_a_filesystem_without_o_direct_gets_buffered_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that refuses O_DIRECT (EINVAL at open: some network and FUSE filesystems): the save falls
+    back to buffered writes, the checkpoint is complete and loads."""
+    import errno
+
+    from waveforge.checkpoint import writer
+
+    real_open = os.open
+
+    def no_direct(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(writer.os, "open", no_direct)
+    assert writer._open_direct(tmp_path / "probe") is None
+    state = {"step": 1, "images": 10, "recipe": {"model": {}, "diffusion": {}}}
+    path = checkpoint.save(tmp_path, 1, {"G": _LiveEngine()}, torch.nn.Linear(3, 3), state, keep_last=1)
+    assert checkpoint.is_complete(path, hashes=True)
+    saved = torch.load(path / "G" / "mp_rank_00_model_states.pt", weights_only=True)
+    assert torch.equal(saved["w"], torch.arange(1000, dtype=torch.float32))
+
+
+def test_a_failed_direct_write_is_raised_and_returns_its_buffers(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write error of the background writer (a full disk) reaches the save; the staging buffers go back to
+    the pool (the next file writes normally)."""
+    from waveforge.checkpoint import writer
+
+    if writer._open_direct(tmp_path / "probe") is None:
+        pytest.skip(f"{tmp_path} is on a filesystem that refuses O_DIRECT")
+    monkeypatch.setattr(writer, "STAGE", 4 * writer.DIRECT_ALIGN)
+    staging = writer._Staging(keep=16)
+    monkeypatch.setattr(writer, "_STAGING", staging)
+    real_pwrite, calls = os.pwrite, []
+
+    def full_disk(fd: int, data: object, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    with monkeypatch.context() as m:
+        m.setattr(writer.os, "pwrite", full_disk)
+        with pytest.raises(OSError, match="No space left on device"):
+            writer._write_torch(_odd_tensors(), tmp_path / "full.pt")
+    pooled = len(staging._free)
+    assert pooled == writer.STAGE_DEPTH  # every buffer it used is back
+    entry = writer._write_torch(_odd_tensors(), tmp_path / "ok.pt")
+    assert entry["size"] == (tmp_path / "ok.pt").stat().st_size and len(staging._free) == pooled
+    assert torch.equal(torch.load(tmp_path / "ok.pt", weights_only=True)["big"], _odd_tensors()["big"])
+
+
+def test_direct_io_false_writes_through_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """checkpoint.direct_io=false: no file of the save is opened with O_DIRECT; the default opens the torch.save
+    files (shards, RNG states, trainer state) that way."""
+    from waveforge.checkpoint import writer
+
+    opened: list[str] = []
+    real = writer._open_direct
+    monkeypatch.setattr(writer, "_open_direct", lambda path: (opened.append(Path(path).name), real(path))[1])
+    state = {"step": 1, "images": 10, "recipe": {"model": {}, "diffusion": {}}}
+    for step, direct_io in ((1, False), (2, True)):
+        saver = checkpoint.Saver(direct_io=direct_io)
+        path = saver.save(tmp_path, step, {"G": _LiveEngine()}, torch.nn.Linear(3, 3), {**state, "step": step},
+                          keep_last=2)
+        saver.close()
+        assert checkpoint.is_complete(path, hashes=True)
+        assert sorted(opened) == ([] if not direct_io else
+                                  ["mp_rank_00_model_states.pt", "rank-00000.pt", "state.pt"])

@@ -51,7 +51,7 @@ class Checkpointer:
         self.uploader = (checkpoint.Uploader(c.url, cfg.storage, keep_last=c.remote_keep_last, mb_s=c.upload_mb_s,
                                                nice=c.upload_nice)
                          if c.url and dist.rank() == 0 else None)
-        self.saver = checkpoint.Saver(background=c.background)
+        self.saver = checkpoint.Saver(background=c.background, direct_io=c.direct_io)
         self.source: Path | None = None
         self.notes: dict[str, str] = {}  # what the resume passed over and why (tags of the MLflow run)
         self._candidates: list[Path] | None = None  # set by start

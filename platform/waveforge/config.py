@@ -234,6 +234,7 @@ class CheckpointConfig:
     url: str = ""  # object-storage copy (s3://bucket/prefix/...; "" = local only); uploaded in the background
     remote_keep_last: int = _field(0, at_least(0, " (0 = keep all)"))  # kept at `url` (milestones always)
     background: bool = True  # write and publish in background threads: training stalls only for the snapshot
+    direct_io: bool = True  # write shards with O_DIRECT (page cache bypassed) where the filesystem takes it
     upload_mb_s: float = _field(200.0, at_least(0, " (0 = unbounded)"))  # the upload process's bandwidth bound
     upload_nice: int = _field(19, between(0, 19))  # the upload process's CPU priority (19 = lowest)
 

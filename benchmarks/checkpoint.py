@@ -7,25 +7,25 @@ tensors to the same disk, and the training stall caused by a background upload t
 One process (world size 1), CPU, ZeRO-2, bf16. Cases:
   celebahq256: G + D engines built from the recipe's model section (waveforge.models)
   celebahq1024: the 1024 px generator alone (G engine)
-For each, in alternating rounds (the minimum of each is reported): a synchronous save
-(`Saver(background=False)`, a run's saver with checkpoint.background=false: shards + EMA + RNG written in
-parallel, BLAKE3 while writing, fsync, atomic publish; the pruned checkpoint's files removed in its background
-thread), a background save (`Saver(background=True)`: the stall is the time save() takes, the snapshot; then
-the time until it is published), plain torch.save (+ fsync) of a dict of the same tensors (16-bit weights,
-fp32 master, Adam moments, EMA: the limit of the disk and the serializer) and a clone of those tensors (the
-"device-to-host copy" the stall is compared with; the trainer's save also computes `weights_checksum`, a
-float64 sum of every weight, before the snapshot: `trainer_stall_vs_clone` counts it); then verification
-(`checkpoint.verify`, what a resume does before loading) + load against plain torch.load. Reads come from the
-page cache unless the machine is short of memory. Then a resume in the trainer's order (`bench_resume`: the
-check starts in the background, the models and engines are built meanwhile, then the load): the seconds
-verification adds to it, started first as the trainer does and, for comparison, run before building. The
-upload: time per step of a small training loop (a CPU MLP step) alone and while the Uploader's process copies
-the celebahq256 checkpoint to a private `weed mini` (127.0.0.1, free ports; the server runs at normal priority
-and its CPU is not the upload's), the upload's MB/s, and the upload process's CPU seconds per GB (getrusage in
-that process; its start-up, mostly imports, reported apart), once per upload case MB_S:NICE
-(checkpoint.upload_mb_s, 0 = unbounded : checkpoint.upload_nice). The training loop keeps both cores busy, so
-a nice-19 upload advances slowly: the step times are taken for at most upload_window_s, then the upload
-finishes without training (upload_done_while_training says which).
+For each, in alternating rounds (the minimum of each is reported): a synchronous save (`Saver(background=False)`, a
+run's saver with checkpoint.background=false: shards + EMA + RNG written in parallel, the torch.save files with
+O_DIRECT, BLAKE3 while writing, fsync, atomic publish; the pruned checkpoint's files removed in its background
+thread), a background save (`Saver(background=True)`: the stall is the time save() takes, the snapshot; then the
+time until it is published), plain torch.save (+ fsync) of a dict of the same tensors (16-bit weights, fp32 master,
+Adam moments, EMA: the limit of the disk and the serializer) and a clone of those tensors (the "device-to-host copy"
+the stall is compared with; the trainer's save also computes `weights_checksum`, a float64 sum of every weight,
+before the snapshot: `trainer_stall_vs_clone` counts it); then verification (`checkpoint.verify`, what a resume does
+before loading) + load against plain torch.load. Reads come from the page cache unless the machine is short of
+memory (the checkpoint's files, written with O_DIRECT, are read from disk by the first verification; the minimum of
+the rounds is a page-cache read like plain torch.load's). Then a resume in the trainer's order (`bench_resume`: the
+check starts in the background, the models and engines are built meanwhile, then the load): the seconds verification
+adds to it, started first as the trainer does and, for comparison, run before building. The upload: time per step of
+a small training loop (a CPU MLP step) alone and while the Uploader's process copies the celebahq256 checkpoint to a
+private `weed mini` (127.0.0.1, free ports; the server runs at normal priority and its CPU is not the upload's), the
+upload's MB/s, and the upload process's CPU seconds per GB (getrusage in that process; its start-up, mostly imports,
+reported apart), once per upload case MB_S:NICE (checkpoint.upload_mb_s, 0 = unbounded : checkpoint.upload_nice).
+The training loop keeps both cores busy, so a nice-19 upload advances slowly: the step times are taken for at most
+upload_window_s, then the upload finishes without training (upload_done_while_training says which).
 """
 
 from __future__ import annotations

@@ -877,3 +877,29 @@ def test_direct_io_false_writes_through_the_page_cache(tmp_path: Path, monkeypat
         assert checkpoint.is_complete(path, hashes=True)
         assert sorted(opened) == ([] if not direct_io else
                                   ["mp_rank_00_model_states.pt", "rank-00000.pt", "state.pt"])
+
+
+def test_a_filesystem_refusing_o_direct_writes_gets_buffered_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """A filesystem that opens with O_DIRECT but refuses the writes (EINVAL): the file is written again through
+    the page cache, complete and identical, and the console says so once."""
+    import errno
+
+    from waveforge.checkpoint import writer
+
+    if writer._open_direct(tmp_path / "probe") is None:
+        pytest.skip(f"{tmp_path} is on a filesystem that refuses O_DIRECT")
+    monkeypatch.setattr(writer, "STAGE", 4 * writer.DIRECT_ALIGN)
+    monkeypatch.setattr(writer, "_refused_direct", set())
+    obj = _odd_tensors()
+    expected = writer._write_buffered(obj, tmp_path / "expected.pt")
+
+    def einval(fd: int, data: object, offset: int) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(writer.os, "pwrite", einval)
+    assert writer._write_torch(obj, tmp_path / "a.pt") == expected
+    assert writer._write_torch(obj, tmp_path / "b.pt") == expected
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "expected.pt").read_bytes()
+    err = capsys.readouterr().err
+    assert err.count("refuses O_DIRECT writes (Invalid argument)") == 1 and "a.pt" in err

@@ -238,9 +238,10 @@ class _DirectFile:
 
     Why: a buffered write first allocates page-cache memory for the whole file. Where the memory comes from
     matters: on the 2-core CI VM (free page reporting: memory freed for ~1 s goes back to the host), buffered
-    writes of 530 MB ran at 270-620 MB/s into such memory and 4 GB/s into memory just freed, while O_DIRECT
-    wrote the same 530 MB at 0.9-1.2 GB/s every time. It also keeps a node's page cache free of checkpoint
-    pages that no one reads again (a resume runs in a new process, usually on another node)."""
+    writes of 528 MiB ran at 400-670 MiB/s into such memory and 3.7-4.6 GiB/s into memory just freed, while
+    O_DIRECT wrote the same 528 MiB at 0.87-1.24 GiB/s (fsync included) every time. It also keeps a node's page
+    cache free of checkpoint pages that no one reads again (a resume runs in a new process, usually on another
+    node)."""
 
     def __init__(self, fd: int, hasher: ThreadPoolExecutor, io: ThreadPoolExecutor, staging: _Staging) -> None:
         self.fd, self.hasher, self.io, self.staging = fd, hasher, io, staging
@@ -333,27 +334,46 @@ def _write_buffered(obj: Any, path: Path) -> dict[str, Any]:
         return {"size": raw.tell(), DIGEST: f.sha.hexdigest()}
 
 
+def _write_direct(obj: Any, fd: int) -> dict[str, Any]:
+    """torch.save `obj` into `fd` (opened with O_DIRECT) through a `_DirectFile`; its manifest entry."""
+    with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as hasher, \
+            ThreadPoolExecutor(1, thread_name_prefix="checkpoint-io") as io:
+        direct = _DirectFile(fd, hasher, io, _STAGING)
+        try:
+            torch.save(obj, direct)
+        except BaseException:
+            direct.abandon()
+            if direct.error is not None:  # torch.save reports a failed write as a confused position
+                raise direct.error from None
+            raise
+        size, digest = direct.close()
+    return {"size": size, DIGEST: digest}
+
+
+_refused_direct: set[int] = set()  # filesystems (st_dev) that took O_DIRECT at open but refused its writes
+
+
 def _write_torch(obj: Any, path: Path) -> dict[str, Any]:
     """torch.save `obj` to `path`, hashed while written and fsynced; its manifest entry (size, digest).
-    With O_DIRECT where the filesystem takes it (`_DirectFile`), else buffered (`_write_buffered`)."""
+    With O_DIRECT where the filesystem takes it (`_DirectFile`), else buffered (`_write_buffered`); also
+    buffered when the filesystem opens with O_DIRECT but refuses its writes (EINVAL), saying so once."""
     fd = _open_direct(path)
     if fd is None:
         return _write_buffered(obj, path)
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as hasher, \
-                ThreadPoolExecutor(1, thread_name_prefix="checkpoint-io") as io:
-            direct = _DirectFile(fd, hasher, io, _STAGING)
-            try:
-                torch.save(obj, direct)
-            except BaseException:
-                direct.abandon()
-                if direct.error is not None:  # torch.save reports a failed write as a confused position
-                    raise direct.error from None
-                raise
-            size, digest = direct.close()
+        return _write_direct(obj, fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        dev = os.fstat(fd).st_dev
+        if dev not in _refused_direct:  # said once per filesystem and process
+            _refused_direct.add(dev)
+            print(f"checkpoint: the filesystem of {path} refuses O_DIRECT writes ({e.strerror}); writing "
+                  "through the page cache (checkpoint.direct_io=false says so in the recipe)",
+                  file=sys.stderr, flush=True)
     finally:
         os.close(fd)
-    return {"size": size, DIGEST: digest}
+    return _write_buffered(obj, path)
 
 
 class _StateDictOf:

@@ -42,6 +42,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import NoReturn
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
@@ -311,11 +312,57 @@ def bench_stall(ckpt: Path, work: Path, mb_s: float, nice: int, window_s: float)
     return res
 
 
+USAGE = ("[dir=PATH] [upload=0|1] [repeats=N] [resume_repeats=N] [upload_cases=MB_S:NICE,...] "
+         "[upload_window_s=S] [big=0|1]")
+
+
+def usage_error(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def parse_args(argv: list[str]) -> dict:
+    """The key=value arguments, checked: a bad one exits 2 with one line naming it."""
+    if any("=" not in a for a in argv):
+        usage_error(f"arguments are key=value: {' '.join(argv)}")
+    raw = dict(a.split("=", 1) for a in argv)
+    unknown = sorted(set(raw) - {"dir", "upload", "repeats", "resume_repeats", "upload_cases", "upload_window_s",
+                                 "big"})
+    if unknown:
+        usage_error(f"unknown argument(s) {unknown}: {USAGE}")
+    args: dict = {"dir": Path(raw.get("dir", tempfile.gettempdir() + "/wf-ckpt-bench"))}
+    for key, default in (("repeats", "2"), ("resume_repeats", "5")):
+        value = raw.get(key, default)
+        if not value.isdigit() or int(value) < 1:
+            usage_error(f"{key}={value}: a whole number >= 1")
+        args[key] = int(value)
+    for key in ("upload", "big"):
+        value = raw.get(key, "1")
+        if value not in ("0", "1"):
+            usage_error(f"{key}={value}: 0 or 1")
+        args[key] = value == "1"
+    try:
+        args["upload_window_s"] = float(raw.get("upload_window_s", "60"))
+    except ValueError:
+        usage_error(f"upload_window_s={raw['upload_window_s']}: a number of seconds")
+    cases = []
+    for case in raw.get("upload_cases", "200:19").split(","):
+        mb_s, _, nice = case.partition(":")
+        try:
+            cases.append((float(mb_s), int(nice)))
+        except ValueError:
+            usage_error(f"upload_cases={raw['upload_cases']}: MB_S:NICE pairs separated by commas (200:19,20:10)")
+        if cases[-1][0] < 0 or not 0 <= cases[-1][1] <= 19:
+            usage_error(f"upload_cases={raw['upload_cases']}: MB_S >= 0 (0 = unbounded), NICE 0-19")
+    args["upload_cases"] = cases
+    return args
+
+
 def main() -> None:
-    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    args = parse_args(sys.argv[1:])
     global WORK
-    work = WORK = Path(args.get("dir", tempfile.gettempdir() + "/wf-ckpt-bench"))
-    repeats = int(args.get("repeats", 2))
+    work = WORK = args["dir"]
+    repeats = args["repeats"]
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
@@ -330,17 +377,16 @@ def main() -> None:
     engines = {"G": engine(G), "D": engine(D)}
     results.append(bench_case("celebahq256_G+D", engines, ema, work, repeats))
     ck256 = checkpoint.complete_checkpoints(checkpoint.ckpt_root(work / "celebahq256_G+D"))[-1]
-    resume_repeats = int(args.get("resume_repeats", 5))  # model building on this VM varies 1.6-4 s round to round
+    resume_repeats = args["resume_repeats"]  # model building on this VM varies 1.6-4 s round to round
     results.append(bench_resume("celebahq256_G+D", "celebahq256", True, ck256, resume_repeats))
-    if args.get("upload", "1") == "1":
-        for case in args.get("upload_cases", "200:19").split(","):
-            mb_s, nice = case.split(":")
-            results.append(bench_stall(ck256, work, float(mb_s), int(nice), float(args.get("upload_window_s", 60))))
+    if args["upload"]:
+        for mb_s, nice in args["upload_cases"]:
+            results.append(bench_stall(ck256, work, mb_s, nice, args["upload_window_s"]))
     for e in engines.values():
         e.destroy()
     del engines, G, D, ema
 
-    if args.get("big", "1") != "1":
+    if not args["big"]:
         shutil.rmtree(work, ignore_errors=True)
         print("RESULTS " + json.dumps(results))
         torch.distributed.destroy_process_group()

@@ -532,6 +532,18 @@ def test_export_job_bad_input_exits_2(tmp_path: Path) -> None:
         assert res.returncode == 2 and "error:" in res.stderr and msg in res.stderr, (argv, res.stderr)
 
 
+def test_checkpoint_benchmark_bad_arguments_exit_2() -> None:
+    """benchmarks/checkpoint.py: a bad argument is one line naming it, exit 2, before anything runs."""
+    bench = str(ROOT / "benchmarks" / "checkpoint.py")
+    for argv, msg in ((["repeats=x"], "repeats=x: a whole number"), (["bogus=1"], "unknown argument(s) ['bogus']"),
+                      (["upload_cases=200"], "upload_cases=200: MB_S:NICE"), (["big=yes"], "big=yes: 0 or 1"),
+                      (["upload_cases=20:25"], "NICE 0-19"), (["repeats"], "arguments are key=value")):
+        res = subprocess.run([sys.executable, bench, *argv], capture_output=True, text=True, env=_env())
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and lines[-1].startswith("error:") and msg in lines[-1], (argv, res.stderr)
+        assert "Traceback" not in res.stderr
+
+
 # --------------------------------------------------------------------------------------------------
 # Object storage (real SeaweedFS)
 # --------------------------------------------------------------------------------------------------

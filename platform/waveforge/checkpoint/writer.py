@@ -3,9 +3,10 @@ trainer's state; atomic publication (manifest, rename, `latest`); pruning.
 
 How a save writes (`Saver`): each DeepSpeed engine gets a waveforge checkpoint engine for the duration of its
 `save_checkpoint` call, so DeepSpeed's `torch.save(state_dict, path)` calls become jobs of a small thread
-pool (files written in parallel, G and D alike). Every file is hashed while it is written (BLAKE3 of the
-bytes as they go to disk, no second read pass; the EMA, which safetensors writes itself, is read back once)
-and fsynced once. In the background mode the state is first
+pool (files written in parallel, G and D alike), each with O_DIRECT where the filesystem takes it
+(`_DirectFile`: no page-cache memory allocated for it). Every file is hashed while it is written (BLAKE3 of
+the bytes as they go to disk, no second read pass; the EMA, which safetensors writes itself through the page
+cache, is read back once) and fsynced once. In the background mode the state is first
 snapshot (each tensor's storage copied to CPU memory, the "device-to-host copy": ZeRO's optimizer state
 dict references the live fp32 partitions and Adam moments the next step changes in place) and `save`
 returns; the writing, the per-rank sums file and rank 0's publication continue in background threads.

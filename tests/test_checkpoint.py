@@ -819,7 +819,8 @@ def test_direct_writes_are_byte_identical_to_buffered_ones(tmp_path: Path, monke
     assert all(torch.equal(got[k], obj[k]) for k in ("a", "b", "big")) and got["view"] == obj["view"]
 
 
-def test_a_filesystem_without_o_direct_gets_buffered_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_filesystem_without_o_direct_gets_buffered_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
     """A filesystem that refuses O_DIRECT (EINVAL at open: some network and FUSE filesystems): the save falls
     back to buffered writes, the checkpoint is complete and loads."""
     import errno
@@ -834,12 +835,15 @@ def test_a_filesystem_without_o_direct_gets_buffered_writes(tmp_path: Path, monk
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(writer.os, "open", no_direct)
+    monkeypatch.setattr(writer, "_refused_direct", set())
     assert writer._open_direct(tmp_path / "probe") is None
     state = {"step": 1, "images": 10, "recipe": {"model": {}, "diffusion": {}}}
     path = checkpoint.save(tmp_path, 1, {"G": _LiveEngine()}, torch.nn.Linear(3, 3), state, keep_last=1)
     assert checkpoint.is_complete(path, hashes=True)
     saved = torch.load(path / "G" / "mp_rank_00_model_states.pt", weights_only=True)
     assert torch.equal(saved["w"], torch.arange(1000, dtype=torch.float32))
+    err = capsys.readouterr().err  # three torch.save files in two folders of one filesystem: one line
+    assert err.count("cannot be opened with O_DIRECT") == 1 and "written through the page cache" in err
 
 
 def test_a_failed_direct_write_is_raised_and_returns_its_buffers(tmp_path: Path,
@@ -848,8 +852,10 @@ def test_a_failed_direct_write_is_raised_and_returns_its_buffers(tmp_path: Path,
     the pool (the next file writes normally)."""
     from waveforge.checkpoint import writer
 
-    if writer._open_direct(tmp_path / "probe") is None:
+    probe = writer._open_direct(tmp_path / "probe")
+    if probe is None:
         pytest.skip(f"{tmp_path} is on a filesystem that refuses O_DIRECT")
+    os.close(probe)
     monkeypatch.setattr(writer, "STAGE", 4 * writer.DIRECT_ALIGN)
     staging = writer._Staging(keep=16)
     monkeypatch.setattr(writer, "_STAGING", staging)
@@ -899,8 +905,10 @@ def test_a_filesystem_refusing_o_direct_writes_gets_buffered_ones(tmp_path: Path
 
     from waveforge.checkpoint import writer
 
-    if writer._open_direct(tmp_path / "probe") is None:
+    probe = writer._open_direct(tmp_path / "probe")
+    if probe is None:
         pytest.skip(f"{tmp_path} is on a filesystem that refuses O_DIRECT")
+    os.close(probe)
     monkeypatch.setattr(writer, "STAGE", 4 * writer.DIRECT_ALIGN)
     monkeypatch.setattr(writer, "_refused_direct", set())
     obj = _odd_tensors()
@@ -914,4 +922,4 @@ def test_a_filesystem_refusing_o_direct_writes_gets_buffered_ones(tmp_path: Path
     assert writer._write_torch(obj, tmp_path / "b.pt") == expected
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "expected.pt").read_bytes()
     err = capsys.readouterr().err
-    assert err.count("refuses O_DIRECT writes (Invalid argument)") == 1 and "a.pt" in err
+    assert err.count("are refused (Invalid argument)") == 1 and "a.pt" in err

@@ -356,25 +356,30 @@ _refused_direct: set[int] = set()  # filesystems (st_dev) that took O_DIRECT at 
 
 def _write_torch(obj: Any, path: Path) -> dict[str, Any]:
     """torch.save `obj` to `path`, hashed while written and fsynced; its manifest entry (size, digest).
-    With O_DIRECT where the filesystem takes it (`_DirectFile`), else buffered (`_write_buffered`); also
-    buffered when the filesystem opens with O_DIRECT but refuses its writes (EINVAL), saying so once."""
+    With O_DIRECT where the filesystem takes it (`_DirectFile`), else buffered (`_write_buffered`): when it
+    refuses O_DIRECT at open or in the writes (EINVAL), which the console says once per filesystem."""
     fd = _open_direct(path)
     if fd is None:
+        if hasattr(os, "O_DIRECT"):
+            _say_refused(os.stat(Path(path).parent).st_dev, f"{path} cannot be opened with O_DIRECT")
         return _write_buffered(obj, path)
     try:
         return _write_direct(obj, fd)
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
-        dev = os.fstat(fd).st_dev
-        if dev not in _refused_direct:  # said once per filesystem and process
-            _refused_direct.add(dev)
-            print(f"checkpoint: the filesystem of {path} refuses O_DIRECT writes ({e.strerror}); writing "
-                  "through the page cache (checkpoint.direct_io=false says so in the recipe)",
-                  file=sys.stderr, flush=True)
+        _say_refused(os.fstat(fd).st_dev, f"O_DIRECT writes to {path} are refused ({e.strerror})")
     finally:
         os.close(fd)
     return _write_buffered(obj, path)
+
+
+def _say_refused(dev: int, what: str) -> None:
+    """One console line per filesystem and process: its checkpoint files go through the page cache."""
+    if dev not in _refused_direct:
+        _refused_direct.add(dev)
+        print(f"checkpoint: {what}; this filesystem's checkpoint files are written through the page cache "
+              "(checkpoint.direct_io=false says so in the recipe)", file=sys.stderr, flush=True)
 
 
 class _StateDictOf:

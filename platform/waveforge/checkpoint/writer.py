@@ -375,9 +375,12 @@ def _write_torch(obj: Any, path: Path) -> dict[str, Any]:
 
 
 def _say_refused(dev: int, what: str) -> None:
-    """One console line per filesystem and process: its checkpoint files go through the page cache."""
+    """One console line per filesystem and node (the first rank of each node says it): its checkpoint files go
+    through the page cache."""
     if dev not in _refused_direct:
         _refused_direct.add(dev)
+        if dist.local_rank() != 0:
+            return
         print(f"checkpoint: {what}; this filesystem's checkpoint files are written through the page cache "
               "(checkpoint.direct_io=false says so in the recipe)", file=sys.stderr, flush=True)
 

@@ -785,6 +785,38 @@ def test_export_verifies_and_never_writes_non_finite_weights(tmp_path: Path) -> 
     assert not (tmp_path / "out").exists()
 
 
+def test_an_export_is_checked_before_it_is_used(tmp_path: Path) -> None:
+    """An export records its generator file's size and BLAKE3 in model_config.json; a flipped byte in it, or a
+    NaN in an export without a digest (written by hand), is refused by read_export and by jobs/sample.py
+    (exit 2, one line naming the file) before any model is built."""
+    ckpt = _fake_save(tmp_path / "run", 1, keep_last=1)
+    out = checkpoint.export(str(ckpt), tmp_path / "out")
+    info = json.loads((out / checkpoint.CONFIG_FILE).read_text())
+    gen = out / checkpoint.GENERATOR_FILE
+    assert info["generator_file"]["size"] == gen.stat().st_size
+    tensors, meta = checkpoint.read_export(out)
+    ema = safetensors.torch.load_file(str(ckpt / "ema.safetensors"))
+    assert meta["step"] == 1 and tensors.keys() == ema.keys()
+    assert all(torch.equal(tensors[k], ema[k]) for k in ema)
+    _flip_byte(gen)
+    with pytest.raises(checkpoint.CheckpointError, match="generator_ema.safetensors: .* blake3 .*model_config.json "
+                                                         "says .*corrupt or was replaced"):
+        checkpoint.read_export(out)
+    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "sample.py"), f"run={out}", "num=2",
+                          f"out={tmp_path / 'samples'}"], capture_output=True, text=True, env=_env())
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "generator_ema.safetensors" in lines[0] and "corrupt" in lines[0], res.stderr
+    assert not (tmp_path / "samples").exists()
+    # written by hand (no digest) with a NaN: still refused
+    ema["weight"][0, 0] = float("nan")
+    safetensors.torch.save_file(ema, str(gen))
+    del info["generator_file"]
+    (out / checkpoint.CONFIG_FILE).write_text(json.dumps(info))
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds non-finite weights \(1 values in 1 tensor"):
+        checkpoint.read_export(out)
+
+
 def _odd_tensors() -> dict:
     """A state dict whose records are not multiples of the block size, some bigger than a staging buffer."""
     g = torch.Generator().manual_seed(0)

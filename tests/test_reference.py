@@ -300,6 +300,10 @@ def test_mismatches_name_keys_and_shapes(tmp_path: Path) -> None:
     bad["all_modules.2.weight"] = torch.zeros(4, 3, 3, 3)
     msg = fails(bad, r"all_modules\.2\.weight: expected \(4, 12, 3, 3\), found \(4, 3, 3, 3\)")
     assert "pixel-space DDGAN" in msg
+    bad = dict(state)
+    bad["all_modules.5.Conv_1.weight"] = state["all_modules.5.Conv_1.weight"].clone()
+    bad["all_modules.5.Conv_1.weight"].view(-1)[0] = float("nan")
+    fails(bad, r"non-finite values \(1 values in 1 tensor\(s\), e\.g\. .*\): nothing imported")
     # Another recipe's architecture: keys and shapes that do not fit, the first few named.
     msg = fails(state, "does not fit recipe 'cifar10'", recipe=config.load("cifar10"))
     assert "expected" in msg and "found" in msg

@@ -8,14 +8,12 @@ sampling function, seed-indexed (sample i always comes from seed i).
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 
 from waveforge import checkpoint, config, diffusion, dist, edm, models, wavelet
@@ -23,7 +21,7 @@ from waveforge import storage as wf_storage
 from waveforge.config import ConfigError, Recipe, StorageConfig
 from waveforge.images import to_uint8
 
-GENERATOR_FILE = "generator_ema.safetensors"  # checkpoint.export's output, with model_config.json
+GENERATOR_FILE = checkpoint.GENERATOR_FILE  # checkpoint.export's output, with model_config.json
 
 
 def load_generator(source: str, storage: StorageConfig | None = None, device: torch.device | str = "cpu"
@@ -48,15 +46,17 @@ def load_generator(source: str, storage: StorageConfig | None = None, device: to
     folder, tmp = dist.on_rank0(locate)  # rank 0 first: a source that does not load fails every rank alike
     if dist.rank() != 0 and tmp:  # exported from a checkpoint into rank 0's temp folder: each host its own copy
         folder, tmp = locate()
-    meta = json.loads(Path(folder, "model_config.json").read_text())
+    try:
+        tensors, meta = checkpoint.read_export(Path(folder))  # digest and finiteness checked before any use
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
     run_cfg = config.from_dict({"model": meta["model"], "diffusion": meta["diffusion"]})
     G = models.build_network(run_cfg.model, run_cfg.diffusion)
-    missing, unexpected = safetensors.torch.load_model(G, str(Path(folder, GENERATOR_FILE)), strict=False)
+    missing, unexpected = G.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise ConfigError(f"{folder}/{GENERATOR_FILE} does not fit the generator of its model_config.json: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if tmp:
-        shutil.rmtree(tmp, ignore_errors=True)
     info = {k: meta.get(k) for k in ("step", "images", "source", "recipe")}
     return G.to(device).eval().requires_grad_(False), run_cfg, info
 

@@ -35,21 +35,20 @@ gives another image than the reference's test script with that torch seed, from 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import safetensors.torch
 import torch
 import torch.nn as nn
 
 from waveforge import config, models
+from waveforge.checkpoint.export import nonfinite
+from waveforge.checkpoint.export import write_export as write_export_folder
 from waveforge.config import ConfigError, Recipe
 from waveforge.models.layers import AttnBlock, BlurDownConv, ResBlock, WaveletDownConv
 
@@ -417,7 +416,15 @@ def _convert(state: Mapping[str, torch.Tensor], entries: list[KeyEntry], what: s
              ) -> dict[str, torch.Tensor]:
     state = strip_module_prefix(state)
     _check_state(state, entries, what, cfg)
-    return {e.ours: e.convert([state[r].detach().float() for r in e.refs]) for e in entries}
+    return _finite({e.ours: e.convert([state[r].detach().float() for r in e.refs]) for e in entries}, what)
+
+
+def _finite(tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """`tensors`, or ReferenceCheckpointError when any value is NaN or infinite (nothing is imported)."""
+    bad = nonfinite(tensors)
+    if bad:
+        raise ReferenceCheckpointError(f"{what} holds non-finite values ({bad}): nothing imported")
+    return tensors
 
 
 def convert_generator(state: Mapping[str, torch.Tensor], cfg: Recipe, bands: str | None = None
@@ -519,6 +526,10 @@ def convert_training_state(content: Mapping[str, Any], cfg: Recipe, bands: str |
     D = _convert(d_ref, d_entries, "content.pth netD_dict", cfg)
     opt_g, ema, hyper_g = _convert_optimizer(content["optimizerG"], list(g_ref), g_entries, "optimizerG")
     opt_d, _, hyper_d = _convert_optimizer(content["optimizerD"], list(d_ref), d_entries, "optimizerD")
+    if ema is not None:
+        _finite(ema, "content.pth optimizerG's EMA")
+    for what, opt in (("optimizerG", opt_g), ("optimizerD", opt_d)):
+        _finite({f"{name}.{k}": v for name, st in opt.items() for k, v in st.items()}, f"content.pth {what}")
     step = int(content.get("global_step", 0))
     return TrainingState(generator=G, generator_ema=ema, discriminator=D, optimizer_g=opt_g, optimizer_d=opt_d,
                          hyper_g=hyper_g, hyper_d=hyper_d, epoch=int(content.get("epoch", 0)), global_step=step,
@@ -529,42 +540,22 @@ def convert_training_state(content: Mapping[str, Any], cfg: Recipe, bands: str |
 # Export
 # --------------------------------------------------------------------------------------------------
 
-GENERATOR_FILE = "generator_ema.safetensors"
-CONFIG_FILE = "model_config.json"
 
 
 def write_export(out: str | os.PathLike, generator: Mapping[str, torch.Tensor], cfg: Recipe,
                  meta: Mapping[str, Any]) -> Path:
-    """Write `generator` (a state dict of the recipe's generator) as a waveforge export in `out`:
-    generator_ema.safetensors + model_config.json (model and diffusion sections of `cfg`, step, images,
-    recipe, source, plus `meta`), the format of checkpoint.export, so jobs/sample.py and jobs/evaluate.py
-    read it. Both files are written in a temporary folder next to `out` and then moved in: an error leaves
-    `out` as it was. Returns `out`."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
+    """Write `generator` (a state dict of the recipe's generator) as a waveforge export in `out`
+    (`waveforge.checkpoint.write_export`: generator_ema.safetensors + model_config.json with the model
+    and diffusion sections of `cfg`, step, images, recipe, source, plus `meta`), so jobs/sample.py and
+    jobs/evaluate.py read it. An error leaves `out` as it was. Returns `out`."""
+    if Path(out).exists() and not Path(out).is_dir():
         raise ReferenceCheckpointError(f"out={out} exists and is not a folder")
     d = config.to_dict(cfg)
     info = {"model": d["model"], "diffusion": d["diffusion"], "step": int(meta.get("step", 0)),
             "images": int(meta.get("images", 0)), "recipe": cfg.recipe, "source": str(meta.get("source", "")),
             "code_version": "", **{k: v for k, v in meta.items() if k not in ("step", "images", "source")}}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in generator.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.import-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        safetensors.torch.save_file(tensors, str(tmp / GENERATOR_FILE),
-                                    metadata={"source": info["source"], "step": str(info["step"]),
-                                              "images": str(info["images"])})
-        (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=1) + "\n")
-        if not out.exists():
-            os.rename(tmp, out)
-        else:
-            for name in (GENERATOR_FILE, CONFIG_FILE):
-                os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return write_export_folder(Path(out), tensors, info)
 
 
 def import_checkpoint(path: str | os.PathLike, cfg: Recipe, out: str | os.PathLike, bands: str | None = None

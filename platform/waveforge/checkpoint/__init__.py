@@ -53,7 +53,7 @@ they are verified against the manifest first, so a swapped or corrupted shard is
 manifest itself is trusted: only resume from checkpoints whose folder you trust).
 """
 
-from waveforge.checkpoint.export import export
+from waveforge.checkpoint.export import CONFIG_FILE, GENERATOR_FILE, export, read_export, write_export
 from waveforge.checkpoint.files import (
     EMA,
     LATEST,
@@ -83,8 +83,8 @@ from waveforge.checkpoint.reader import (
 from waveforge.checkpoint.remote import Uploader, download, upload
 from waveforge.checkpoint.writer import Saver, save
 
-__all__ = ["EMA", "LATEST", "MANIFEST", "STATE", "CheckpointError", "Saver", "Uploader", "ckpt_root",
-           "complete_checkpoints",
-           "download", "ds_config_patch", "export", "find_resume", "first_verified", "is_complete", "load",
-           "needs_universal", "prepare_universal", "read_manifest", "read_state", "resume_candidates", "save",
-           "start_verification", "step_name", "upload", "Verification", "verify", "verify_files"]
+__all__ = ["CONFIG_FILE", "EMA", "GENERATOR_FILE", "LATEST", "MANIFEST", "STATE", "CheckpointError", "Saver",
+           "Uploader", "ckpt_root", "complete_checkpoints", "download", "ds_config_patch", "export",
+           "find_resume", "first_verified", "is_complete", "load", "needs_universal", "prepare_universal",
+           "read_export", "read_manifest", "read_state", "resume_candidates", "save", "start_verification",
+           "step_name", "upload", "Verification", "verify", "verify_files", "write_export"]

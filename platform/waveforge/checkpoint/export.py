@@ -1,4 +1,11 @@
-"""Export (one process): a checkpoint's EMA generator as generator_ema.safetensors + model_config.json."""
+"""Export (one process): a checkpoint's EMA generator as generator_ema.safetensors + model_config.json.
+
+The export format is written and read here only: `write_export` (atomic, non-finite weights refused, the
+generator file's size and BLAKE3 digest recorded in model_config.json) and `read_export` (the digest
+checked, then the tensors checked to be finite, before anything uses them). `waveforge.reference` writes
+imported official checkpoints through `write_export`, `waveforge.inference` loads exports through
+`read_export`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import blake3
 import safetensors.torch
 import torch
 
@@ -27,6 +36,10 @@ from waveforge.checkpoint.files import (
 from waveforge.checkpoint.reader import _resolve_local, _resolve_remote, read_state
 from waveforge.checkpoint.remote import download
 from waveforge.config import StorageConfig
+
+GENERATOR_FILE = "generator_ema.safetensors"
+CONFIG_FILE = "model_config.json"
+DIGEST_KEY = "generator_file"  # model_config.json: {"size": bytes, "blake3": hex} of GENERATOR_FILE
 
 
 def export(ckpt_or_run: str, out: Path | None = None, *, checkpoint: str = "",
@@ -80,18 +93,84 @@ def _write_export(ckpt: Path, out: Path, source: str) -> Path:
     if not isinstance(recipe, dict) or "model" not in recipe or "diffusion" not in recipe:
         raise CheckpointError(f"{ckpt / STATE}: no recipe with model and diffusion sections")
     tensors = safetensors.torch.load_file(str(ckpt / EMA))
-    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if v.is_floating_point()
-           and not bool(torch.isfinite(v).all())}
+    bad = nonfinite(tensors)
     if bad:
-        raise CheckpointError(f"{ckpt / EMA} holds non-finite weights ({sum(bad.values())} values in {len(bad)} "
-                              f"tensor(s), e.g. {', '.join(list(bad)[:3])}): not exported")
-    meta = {"source": source, "step": str(m["step"]), "images": str(m.get("images", 0))}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".generator_ema.safetensors.tmp"
-    safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out / "generator_ema.safetensors")
-    cfg = {"model": recipe["model"], "diffusion": recipe["diffusion"], "step": m["step"],
-           "images": m.get("images", 0), "recipe": recipe.get("recipe", ""), "source": source,
-           "code_version": state.get("code_version", "")}
-    _write_atomic(out / "model_config.json", (json.dumps(cfg, indent=1) + "\n").encode())
+        raise CheckpointError(f"{ckpt / EMA} holds non-finite weights ({bad}): not exported")
+    info = {"model": recipe["model"], "diffusion": recipe["diffusion"], "step": m["step"],
+            "images": m.get("images", 0), "recipe": recipe.get("recipe", ""), "source": source,
+            "code_version": state.get("code_version", "")}
+    return write_export(out, tensors, info)
+
+
+def nonfinite(tensors: dict[str, torch.Tensor]) -> str:
+    """'' when every floating-point tensor is finite, else what is not: 'N values in K tensor(s), e.g. a, b'."""
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())}
+    if not bad:
+        return ""
+    return f"{sum(bad.values())} values in {len(bad)} tensor(s), e.g. {', '.join(list(bad)[:3])}"
+
+
+def write_export(out: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
+    """Write an export into the folder `out`: GENERATOR_FILE (the tensors; safetensors metadata source, step,
+    images from `info`) and CONFIG_FILE (`info`, which holds at least model and diffusion, plus the generator
+    file's size and BLAKE3 digest under DIGEST_KEY). Non-finite weights raise CheckpointError and nothing is
+    written. Both files are written in a temporary folder next to `out`, then moved in: an error or a kill
+    leaves `out` as it was. Returns `out`."""
+    bad = nonfinite(tensors)
+    if bad:
+        raise CheckpointError(f"non-finite weights ({bad}): no export written to {out}")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"out={out} exists and is not a folder")
+    meta = {k: str(info.get(k, "")) for k in ("source", "step", "images")}
+    data = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+    info = {**info, DIGEST_KEY: {"size": len(data), "blake3": blake3.blake3(data).hexdigest()}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_atomic(tmp / GENERATOR_FILE, data)
+        _write_atomic(tmp / CONFIG_FILE, (json.dumps(info, indent=1) + "\n").encode())
+        if not out.exists():
+            os.rename(tmp, out)
+        else:
+            for name in (GENERATOR_FILE, CONFIG_FILE):
+                os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def read_export(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(the generator's tensors, model_config.json) of an export folder, checked before use: the generator
+    file's size and BLAKE3 digest against model_config.json (exports written before the digest was recorded,
+    or by hand, carry none and are not checked), then every weight finite. Anything else raises
+    CheckpointError naming the file (expected vs found)."""
+    cfg_path, gen_path = folder / CONFIG_FILE, folder / GENERATOR_FILE
+    try:
+        info = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: not readable as JSON ({e})") from None
+    if not isinstance(info, dict) or "model" not in info or "diffusion" not in info:
+        raise CheckpointError(f"{cfg_path}: no model and diffusion sections")
+    try:
+        data = gen_path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{gen_path}: {e.strerror or e}") from None
+    want = info.get(DIGEST_KEY)
+    if isinstance(want, dict):
+        found = blake3.blake3(data).hexdigest()
+        if len(data) != want.get("size") or found != want.get("blake3"):
+            raise CheckpointError(f"{gen_path}: {len(data)} bytes, blake3 {found[:16]}...; {CONFIG_FILE} says "
+                                  f"{want.get('size')} bytes, blake3 {str(want.get('blake3'))[:16]}...: "
+                                  f"the file is corrupt or was replaced")
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as e:  # noqa: BLE001 - any parse failure: the file is not a safetensors file
+        raise CheckpointError(f"{gen_path}: not a readable safetensors file ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+    bad = nonfinite(tensors)
+    if bad:
+        raise CheckpointError(f"{gen_path} holds non-finite weights ({bad})")
+    return tensors, info

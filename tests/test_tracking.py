@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -87,6 +88,29 @@ def test_resume_with_changed_training_field_names_it(runs_root: Path) -> None:
     with pytest.raises(config.ConfigError, match=r"train\.lr_g: '0\.0008' -> '0\.0001'") as e:
         tracking.Tracker.open(_cfg("r", **{"train.lr_g": 1e-4}), run_dir, t.run_id, {})
     assert str(e.value).count("->") == 1  # only the changed field is named
+
+
+def test_a_run_that_cannot_be_opened_leaves_nothing_behind(runs_root: Path, run_python, tmp_path: Path) -> None:
+    """A refused continuation, or a server that does not answer at start (the trainer then goes on with a
+    tracker that connects later): no tracker of the failed attempt reports a 'KILLED' run or undelivered
+    records when the process exits."""
+    run_dir = runs_root / "refused"
+    t = tracking.Tracker.open(_cfg("refused"), run_dir, None, {})
+    t.close()
+    r = run_python(f"""
+        from pathlib import Path
+        from waveforge import config, tracking
+        cfg = config.load("tiny", {{"run.name": "refused", "train.lr_g": 1e-4}})
+        try:
+            tracking.Tracker.open(cfg, Path({str(run_dir)!r}), {t.run_id!r}, {{}})
+        except config.ConfigError as e:
+            print("refused:", e)
+        down = config.load("tiny", {{"tracking.uri": "http://127.0.0.1:9"}})
+        late = tracking.Tracker.start(down, Path({str(tmp_path / "down")!r}), None, {{}})
+        late.close(None, timeout=2.0)  # nothing logged, status left: nothing to report
+        """, env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"})
+    assert "refused: " in r.stdout and "does not answer" in r.stdout
+    assert "exiting without Tracker.close()" not in r.stderr and "NOT delivered" not in r.stderr, r.stderr
 
 
 def test_exit_without_close_flushes_and_ends_killed(runs_root: Path, run_python) -> None:

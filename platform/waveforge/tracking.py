@@ -230,8 +230,21 @@ class Tracker:
         system/* metrics (needs psutil), with the host name as node id.
         """
         tracker = cls(None, None, tracking_uri(cfg, run_dir), Path(run_dir), {})
-        tracker._adopt(cls._connect(cfg, run_dir, run_id, tags, system_metrics))
+        try:
+            tracker._adopt(cls._connect(cfg, run_dir, run_id, tags, system_metrics))
+        except BaseException:
+            tracker._discard()
+            raise
         return tracker
+
+    def _discard(self) -> None:
+        """Forget a tracker whose run could not be opened: its thread stops and it has no exit hook (which
+        would report a run that never was as KILLED and its records as undelivered)."""
+        self._closed = True
+        self._closing.set()
+        atexit.unregister(self._close_at_exit)
+        self._queue.put(_STOP)
+        self._thread.join(5.0)
 
     @classmethod
     def start(cls, cfg: config.Recipe, run_dir: Path, run_id: str | None, tags: dict[str, str],

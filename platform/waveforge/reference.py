@@ -541,15 +541,12 @@ def convert_training_state(content: Mapping[str, Any], cfg: Recipe, bands: str |
 # --------------------------------------------------------------------------------------------------
 
 
-
 def write_export(out: str | os.PathLike, generator: Mapping[str, torch.Tensor], cfg: Recipe,
                  meta: Mapping[str, Any]) -> Path:
     """Write `generator` (a state dict of the recipe's generator) as a waveforge export in `out`
     (`waveforge.checkpoint.write_export`: generator_ema.safetensors + model_config.json with the model
     and diffusion sections of `cfg`, step, images, recipe, source, plus `meta`), so jobs/sample.py and
     jobs/evaluate.py read it. An error leaves `out` as it was. Returns `out`."""
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ReferenceCheckpointError(f"out={out} exists and is not a folder")
     d = config.to_dict(cfg)
     info = {"model": d["model"], "diffusion": d["diffusion"], "step": int(meta.get("step", 0)),
             "images": int(meta.get("images", 0)), "recipe": cfg.recipe, "source": str(meta.get("source", "")),
@@ -566,6 +563,8 @@ def import_checkpoint(path: str | os.PathLike, cfg: Recipe, out: str | os.PathLi
     bands, parameters, step."""
     if not Path(path).is_file():
         raise ReferenceCheckpointError(f"checkpoint={path}: no such file")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ReferenceCheckpointError(f"out={out} exists and is not a folder")
     bands = _check_bands(bands or default_bands(cfg.recipe))
     kind, obj = load_reference(path)
     meta: dict[str, Any] = {"source": str(path)}

@@ -93,19 +93,16 @@ def _write_export(ckpt: Path, out: Path, source: str) -> Path:
     if not isinstance(recipe, dict) or "model" not in recipe or "diffusion" not in recipe:
         raise CheckpointError(f"{ckpt / STATE}: no recipe with model and diffusion sections")
     tensors = safetensors.torch.load_file(str(ckpt / EMA))
-    bad = nonfinite(tensors)
-    if bad:
-        raise CheckpointError(f"{ckpt / EMA} holds non-finite weights ({bad}): not exported")
     info = {"model": recipe["model"], "diffusion": recipe["diffusion"], "step": m["step"],
             "images": m.get("images", 0), "recipe": recipe.get("recipe", ""), "source": source,
             "code_version": state.get("code_version", "")}
-    return write_export(out, tensors, info)
+    return write_export(out, tensors, info)  # refuses non-finite weights
 
 
 def nonfinite(tensors: dict[str, torch.Tensor]) -> str:
     """'' when every floating-point tensor is finite, else what is not: 'N values in K tensor(s), e.g. a, b'."""
-    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items()
-           if v.is_floating_point() and not bool(torch.isfinite(v).all())}
+    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if v.is_floating_point()}
+    bad = {k: n for k, n in counts.items() if n}
     if not bad:
         return ""
     return f"{sum(bad.values())} values in {len(bad)} tensor(s), e.g. {', '.join(list(bad)[:3])}"
@@ -119,7 +116,8 @@ def write_export(out: Path, tensors: dict[str, torch.Tensor], info: dict[str, An
     leaves `out` as it was. Returns `out`."""
     bad = nonfinite(tensors)
     if bad:
-        raise CheckpointError(f"non-finite weights ({bad}): no export written to {out}")
+        raise CheckpointError(f"the generator of {info.get('source') or out} holds non-finite weights ({bad}): "
+                              f"not exported to {out}")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"out={out} exists and is not a folder")
     meta = {k: str(info.get(k, "")) for k in ("source", "step", "images")}

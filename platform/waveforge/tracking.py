@@ -240,11 +240,20 @@ class Tracker:
     def _discard(self) -> None:
         """Forget a tracker whose run could not be opened: its thread stops and it has no exit hook (which
         would report a run that never was as KILLED and its records as undelivered)."""
+        self._stop_worker(timeout=5.0)
+
+    def _stop_worker(self, timeout: float) -> None:
+        """Mark the tracker closed (no exit hook any more), and let its thread deliver what is queued and end,
+        waiting up to `timeout` s."""
         self._closed = True
         self._closing.set()
         atexit.unregister(self._close_at_exit)
-        self._queue.put(_STOP)
-        self._thread.join(5.0)
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(_STOP, timeout=max(0.1, timeout))
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
 
     @classmethod
     def start(cls, cfg: config.Recipe, run_dir: Path, run_id: str | None, tags: dict[str, str],
@@ -420,15 +429,7 @@ class Tracker:
         if status is not None:
             self._put(_Record(label=f"run status {status}",
                               call=lambda: self._client.set_terminated(self._run_id, status=status)))
-        self._closed = True
-        self._closing.set()
-        atexit.unregister(self._close_at_exit)
-        deadline = time.monotonic() + timeout
-        try:
-            self._queue.put(_STOP, timeout=max(0.1, timeout))
-        except queue.Full:
-            pass
-        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._stop_worker(timeout)
         with self._lock:
             # Whatever is still queued or pending was not delivered.
             while True:

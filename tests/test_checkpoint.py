@@ -824,6 +824,16 @@ def _odd_tensors() -> dict:
             "big": torch.randn(40_001, generator=g), "view": [1, "x", 2.5]}
 
 
+def _needs_direct_io(folder: Path) -> None:
+    """Skip the test where `folder`'s filesystem refuses O_DIRECT (tmpfs)."""
+    from waveforge.checkpoint import writer
+
+    probe = writer._open_direct(folder / "probe")
+    if probe is None:
+        pytest.skip(f"{folder} is on a filesystem that refuses O_DIRECT")
+    os.close(probe)
+
+
 def test_direct_writes_are_byte_identical_to_buffered_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint file written with O_DIRECT (staging buffers, padded last block, truncated) holds exactly the
     bytes torch.save produces, and its manifest entry is their size and BLAKE3."""
@@ -831,15 +841,15 @@ def test_direct_writes_are_byte_identical_to_buffered_ones(tmp_path: Path, monke
 
     from waveforge.checkpoint import writer
 
-    probe = writer._open_direct(tmp_path / "probe")
-    if probe is None:
-        pytest.skip(f"{tmp_path} is on a filesystem that refuses O_DIRECT")
+    _needs_direct_io(tmp_path)
     import fcntl
 
+    probe = writer._open_direct(tmp_path / "probe")
     assert fcntl.fcntl(probe, fcntl.F_GETFL) & os.O_DIRECT
     os.close(probe)
     obj = _odd_tensors()
     monkeypatch.setattr(writer, "STAGE", 4 * writer.DIRECT_ALIGN)  # 16 KB: many buffers, several in flight
+    monkeypatch.setattr(writer, "_refused_direct", set())  # the buffered case below marks this filesystem
     direct = writer._write_torch(obj, tmp_path / "direct.pt")
     with monkeypatch.context() as m:
         m.setattr(writer, "_open_direct", lambda path: None)
@@ -884,10 +894,7 @@ def test_a_failed_direct_write_is_raised_and_returns_its_buffers(tmp_path: Path,
     the pool (the next file writes normally)."""
     from waveforge.checkpoint import writer
 
-    probe = writer._open_direct(tmp_path / "probe")
-    if probe is None:
-        pytest.skip(f"{tmp_path} is on a filesystem that refuses O_DIRECT")
-    os.close(probe)
+    _needs_direct_io(tmp_path)
     monkeypatch.setattr(writer, "STAGE", 4 * writer.DIRECT_ALIGN)
     staging = writer._Staging(keep=16)
     monkeypatch.setattr(writer, "_STAGING", staging)
@@ -937,10 +944,7 @@ def test_a_filesystem_refusing_o_direct_writes_gets_buffered_ones(tmp_path: Path
 
     from waveforge.checkpoint import writer
 
-    probe = writer._open_direct(tmp_path / "probe")
-    if probe is None:
-        pytest.skip(f"{tmp_path} is on a filesystem that refuses O_DIRECT")
-    os.close(probe)
+    _needs_direct_io(tmp_path)
     monkeypatch.setattr(writer, "STAGE", 4 * writer.DIRECT_ALIGN)
     monkeypatch.setattr(writer, "_refused_direct", set())
     obj = _odd_tensors()

@@ -351,32 +351,34 @@ def _write_direct(obj: Any, fd: int) -> dict[str, Any]:
     return {"size": size, DIGEST: digest}
 
 
-_refused_direct: set[int] = set()  # filesystems (st_dev) that took O_DIRECT at open but refused its writes
+_refused_direct: set[int] = set()  # filesystems (st_dev) that refused O_DIRECT: buffered writes from then on
 
 
 def _write_torch(obj: Any, path: Path) -> dict[str, Any]:
     """torch.save `obj` to `path`, hashed while written and fsynced; its manifest entry (size, digest).
     With O_DIRECT where the filesystem takes it (`_DirectFile`), else buffered (`_write_buffered`): when it
-    refuses O_DIRECT at open or in the writes (EINVAL), which the console says once per filesystem."""
-    fd = _open_direct(path)
+    refuses O_DIRECT at open or in the writes (EINVAL), which the console says once per filesystem, and the
+    process's later files on that filesystem are written buffered without trying again."""
+    dev = os.stat(Path(path).parent).st_dev
+    fd = _open_direct(path) if dev not in _refused_direct else None
     if fd is None:
         if hasattr(os, "O_DIRECT"):
-            _say_refused(os.stat(Path(path).parent).st_dev, f"{path} cannot be opened with O_DIRECT")
+            _say_refused(dev, f"{path} cannot be opened with O_DIRECT")
         return _write_buffered(obj, path)
     try:
         return _write_direct(obj, fd)
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
-        _say_refused(os.fstat(fd).st_dev, f"O_DIRECT writes to {path} are refused ({e.strerror})")
+        _say_refused(dev, f"O_DIRECT writes to {path} are refused ({e.strerror})")
     finally:
         os.close(fd)
     return _write_buffered(obj, path)
 
 
 def _say_refused(dev: int, what: str) -> None:
-    """One console line per filesystem and node (the first rank of each node says it): its checkpoint files go
-    through the page cache."""
+    """Remember that filesystem `dev` refuses O_DIRECT; one console line per filesystem and node (the first rank
+    of each node says it): its checkpoint files go through the page cache."""
     if dev not in _refused_direct:
         _refused_direct.add(dev)
         if dist.local_rank() != 0:

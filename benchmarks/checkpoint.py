@@ -56,7 +56,7 @@ from waveforge.checkpointer import weights_checksum  # noqa: E402
 from waveforge.config import StorageConfig  # noqa: E402
 from waveforge.runtime import free_port  # noqa: E402
 
-WORK = Path(tempfile.gettempdir()) / "wf-ckpt-bench"  # the benchmark's folder (dir=)
+WORK = Path(tempfile.gettempdir()) / "wf-ckpt-bench"  # the benchmark's folder: this default, or dir= (main)
 
 
 def engine(net: torch.nn.Module, step: bool = True) -> object:
@@ -330,7 +330,7 @@ def parse_args(argv: list[str]) -> dict:
                                  "big"})
     if unknown:
         usage_error(f"unknown argument(s) {unknown}: {USAGE}")
-    args: dict = {"dir": Path(raw.get("dir", tempfile.gettempdir() + "/wf-ckpt-bench"))}
+    args: dict = {"dir": Path(raw["dir"]) if "dir" in raw else WORK}
     for key, default in (("repeats", "2"), ("resume_repeats", "5")):
         value = raw.get(key, default)
         if not value.isdigit() or int(value) < 1:
